@@ -1,0 +1,5 @@
+"""``python -m lightning_memopt``: the same as the ``lightning-memopt`` command."""
+
+from lightning_memopt.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Random projections for APOLLO, drawn reproducibly from a per-parameter seed.
+
+APOLLO never stores its projection matrix in the optimizer state: the matrix for a
+parameter is a pure function of ``(seed, window)``, where ``window`` counts how many
+``update_proj_gap`` periods have passed. Drawing on the CPU with a dedicated
+:class:`torch.Generator` makes the matrix identical on every device, so the same run
+gives the same update on CPU and GPU, and a resumed run re-creates exactly the matrix it
+was using.
+
+Example:
+    >>> p = gaussian_projection(seed=7, window=0, rows=4, cols=16)
+    >>> p.shape
+    torch.Size([4, 16])
+    >>> bool((p == gaussian_projection(7, 0, 4, 16)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Odd 64-bit constant (golden-ratio increment of splitmix64): spreads consecutive
+# windows of one parameter, and consecutive parameters, over unrelated generator seeds.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK63 = (1 << 63) - 1
+
+
+def projection_seed(seed: int, window: int) -> int:
+    """Mix a parameter's seed with its window index into one generator seed.
+
+    Example:
+        >>> projection_seed(1, 0) != projection_seed(1, 1)
+        True
+    """
+    x = (seed * _GOLDEN + window + 1) & ((1 << 64) - 1)
+    # splitmix64 finaliser: nearby inputs give unrelated outputs.
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (x ^ (x >> 31)) & _MASK63
+
+
+def gaussian_projection(
+    seed: int,
+    window: int,
+    rows: int,
+    cols: int,
+    rank: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draw a ``rows x cols`` Gaussian matrix with entries of variance ``1 / rank``.
+
+    ``rank`` (default: ``min(rows, cols)``) is the projection rank r; entries are scaled by
+    ``1 / sqrt(r)`` as in the APOLLO paper, so that ``E[Pᵀ P] = I``. The draw happens on the
+    CPU in float32 and is then moved, so it does not depend on ``device``.
+
+    Example:
+        >>> gaussian_projection(0, 3, rows=2, cols=8, rank=2).std() > 0
+        tensor(True)
+    """
+    r = rank if rank is not None else min(rows, cols)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(projection_seed(seed, window))
+    matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
+    matrix.mul_(1.0 / math.sqrt(r))
+    return matrix.to(device=device, dtype=dtype)
