@@ -1,1 +1,60 @@
-"""hf"""
+"""Hugging Face ``transformers.Trainer`` adapter: our optimizers by name, and Trainer callbacks.
+
+After ``import lightning_memopt``, ``TrainingArguments(optim=...)`` takes ``"apollo"``,
+``"apollo_mini"``, ``"apollo_layerwise"`` and ``"apollo_mini_layerwise"``, with ``optim_args``
+checked by our registry and ``optim_target_modules`` (see :mod:`.optimizers`); the
+registration is in :mod:`.registration`, the layer-wise mode in :mod:`.layerwise`. The public
+fallback, which needs no registration: ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
+"apollo", model, "rank=128", args=args))``.
+
+This package must stay cheap to import (``import lightning_memopt`` imports it): modules that
+import transformers at module level are loaded lazily through ``__getattr__`` below.
+
+Example:
+    >>> import lightning_memopt
+    >>> from transformers import TrainingArguments
+    >>> args = TrainingArguments("out", optim="apollo", optim_args="rank=128,update_proj_gap=100",
+    ...                          optim_target_modules="all-linear", report_to=[])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .layerwise import SyncGradients, TrainerLayerwiseOptimizer
+from .optimizers import (
+    HF_OPTIMIZER_NAMES,
+    build_optimizer,
+    decay_parameter_names,
+    optimizer_cls_and_kwargs,
+    param_groups,
+    resolve_target_modules,
+)
+from .registration import TransformersInternalsChanged, is_registered, register, register_on_transformers_import
+
+# name -> submodule, imported on first access (they import transformers at module level).
+_LAZY = {"MemoryProfilerCallback": ".memory_profiler"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "HF_OPTIMIZER_NAMES",
+    "MemoryProfilerCallback",
+    "SyncGradients",
+    "TrainerLayerwiseOptimizer",
+    "TransformersInternalsChanged",
+    "build_optimizer",
+    "decay_parameter_names",
+    "is_registered",
+    "optimizer_cls_and_kwargs",
+    "param_groups",
+    "register",
+    "register_on_transformers_import",
+    "resolve_target_modules",
+]

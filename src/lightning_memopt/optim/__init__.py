@@ -8,6 +8,7 @@ Example:
 """
 
 from .apollo import APOLLO, APOLLOMini
+from .layerwise import LayerwiseOptimizer
 from .param_groups import apollo_param_groups, select_low_rank_modules
 from .projection import gaussian_projection
 from .registry import (
@@ -22,6 +23,7 @@ from .registry import (
 __all__ = [
     "APOLLO",
     "APOLLOMini",
+    "LayerwiseOptimizer",
     "OptimizerSpec",
     "apollo_param_groups",
     "available_optimizers",

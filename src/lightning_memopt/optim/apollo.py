@@ -25,7 +25,7 @@ Example:
     >>> import torch
     >>> from lightning_memopt.optim import APOLLO, apollo_param_groups
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    >>> opt = APOLLO(apollo_param_groups(model, target_modules="all-linear"), lr=1e-2, rank=8)
+    >>> opt = APOLLO(apollo_param_groups(model, target_modules="all-linear"), lr=1e-2, rank=4)
     >>> model(torch.randn(16, 32)).pow(2).mean().backward()
     >>> opt.step()
 """
@@ -41,13 +41,22 @@ import torch
 from torch.optim.adamw import adamw as functional_adamw
 
 from .projection import gaussian_projection
+from .sharding import all_ranks_finite, apollo_step_sharded, is_dtensor, zeros_like_layout
 
 SCALE_TYPES = ("channel", "tensor")
+# The projected gradients R of a group's matrices, and the gradients' norms the limiter needs
+# (per channel or per tensor; None when the limiter is off), computed in one sweep over G.
+_Projected = tuple[list[torch.Tensor], "list[torch.Tensor] | None"]
+# One param group's work in a step: (group, low-rank params, AdamW params, their projection,
+# or None when the low-rank params project inside their own step).
+_GroupPlan = tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], "_Projected | None"]
 # Guards the ratio ||N|| / ||R|| against an all-zero channel (same constant as the paper's code).
 _RATIO_EPS = 1e-8
 # Keys of the per-parameter state that live on the CPU whatever the parameter's device:
 # host scalars, like torch.optim.Adam's "step", so that the step never syncs with the GPU.
 _HOST_STATE_KEYS = ("step", "seed")
+# Keys whose saved dtype survives load_state_dict (see _remember_exact_state).
+_EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm")
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -58,6 +67,31 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation per device.
+
+    A sum is NaN or infinite when an entry is (inf - inf is NaN), and the cheapest reduction
+    there is (one read, vectorised; torch's max-abs norm and isfinite() are several times
+    slower on the CPU). A float32 sum could overflow only for entries near 1e31, far beyond
+    any usable gradient.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        # float16 sums of ordinary values overflow (past 65504): add up in float32.
+        total = t.sum(dtype=torch.float32) if t.element_size() < 4 and t.is_floating_point() else t.sum()
+        by_device.setdefault(t.device, []).append(total)
+    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
+
+
+def _channel_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norms of ``matrix`` along ``dim``, keeping the reduced dimension."""
+    if dim == 0 and matrix.dtype in (torch.float32, torch.float64):
+        # vector_norm reduces the leading dimension of a row-major matrix ~10x slower on the
+        # CPU than summing its squared rows.
+        return matrix.square().sum(dim=0, keepdim=True).sqrt_()
+    return torch.linalg.vector_norm(matrix, dim=dim, keepdim=True)
 
 
 class APOLLO(torch.optim.Optimizer):
@@ -130,7 +164,8 @@ class APOLLO(torch.optim.Optimizer):
         self.check_finite = check_finite
         self._projection_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         super().__init__(params, defaults)
-        self.register_load_state_dict_post_hook(_keep_host_state_on_cpu)
+        self.register_load_state_dict_pre_hook(_remember_exact_state)
+        self.register_load_state_dict_post_hook(_restore_exact_state)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -210,7 +245,8 @@ class APOLLO(torch.optim.Optimizer):
 
     def _projection(self, param: torch.Tensor, state: dict[str, torch.Tensor], window: int, rank: int) -> torch.Tensor:
         m, n = param.shape
-        seed = int(state["seed"])
+        # Before its first step a parameter has no state yet: its seed is the one it will get.
+        seed = int(state["seed"]) if "seed" in state else self._param_seed(param)
         key = (seed, window)
         if self.cache_projection:
             cached = self._projection_cache.get(param)
@@ -237,10 +273,11 @@ class APOLLO(torch.optim.Optimizer):
         moment_shape = (m, rank) if m >= n else (rank, n)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["seed"] = torch.tensor(self._param_seed(param), dtype=torch.int64)
-        state["exp_avg"] = torch.zeros(moment_shape, dtype=param.dtype, device=_local(param).device)
+        # A DTensor parameter (FSDP2) gets DTensor moments, split like R (see .sharding).
+        state["exp_avg"] = zeros_like_layout(param, moment_shape, 0 if m >= n else 1, param.dtype)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         # +inf: the first step has no previous norm, so the limiter lets it through.
-        state["prev_update_norm"] = torch.full((), math.inf, dtype=torch.float32, device=state["exp_avg"].device)
+        state["prev_update_norm"] = torch.full((), math.inf, dtype=torch.float32, device=_local(param).device)
         return state
 
     def _init_adamw_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -250,14 +287,28 @@ class APOLLO(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
-    def _grads_are_finite(self) -> bool:
-        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        # Max-abs norms cannot overflow, and NaN propagates through them.
-        norms = torch._foreach_norm(grads, ord=math.inf)
-        flags = [torch.isfinite(n).all().to("cpu", non_blocking=False) for n in norms]
-        return bool(torch.stack(flags).all())
+    def _grads_are_finite(self, plan: list[_GroupPlan]) -> bool:
+        grads, checked, adamw_grads = [], [], []
+        for _, low_rank, adamw, projection in plan:
+            grads += [p.grad for p in low_rank + adamw]
+            # The limiter's norms of G (one per channel or per matrix), or else R = G Pᵀ, are NaN
+            # or inf exactly when G is (or when they would overflow), and far smaller than G:
+            # check them instead.
+            if projection is None:
+                checked += [_local(p.grad) for p in low_rank]
+            else:
+                projected, grad_norms = projection
+                checked += grad_norms if grad_norms is not None else projected
+            adamw_grads += [_local(p.grad) for p in adamw]
+        # The AdamW gradients last: the AdamW update, which comes next, may find them in the cache.
+        checked += adamw_grads
+        # A rank's shard of a small matrix may be empty (FSDP2); it holds no NaN.
+        local = [t for t in checked if t.numel()]
+        finite = True
+        if local:
+            finite = _all_finite(local)
+        # Sharded gradients: every rank must take the same decision.
+        return all_ranks_finite(finite, grads)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -267,14 +318,7 @@ class APOLLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite and not self._grads_are_finite():
-            warnings.warn(
-                "APOLLO: skipped a step because a gradient holds NaN or inf; weights and optimizer "
-                "state are unchanged. Lower the learning rate or enable gradient clipping.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return loss
+        plan: list[_GroupPlan] = []
         for group in self.param_groups:
             low_rank, adamw = [], []
             for p in group["params"]:
@@ -283,11 +327,71 @@ class APOLLO(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("APOLLO does not support sparse gradients.")
                 (low_rank if self.is_low_rank(group, p) else adamw).append(p)
+            # Projecting first changes no state, and lets the finite check read R instead of G.
+            # (Sharded matrices project inside their own step, with collectives.)
+            projection = None
+            if low_rank and not any(is_dtensor(p) for p in low_rank):
+                projection = self._project_gradients(group, low_rank)
+            plan.append((group, low_rank, adamw, projection))
+        if self.check_finite and not self._grads_are_finite(plan):
+            warnings.warn(
+                "APOLLO: skipped a step because a gradient holds NaN or inf; weights and optimizer "
+                "state are unchanged. Lower the learning rate or enable gradient clipping.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        for group, _, adamw, _ in plan:
+            if adamw:
+                self._adamw_step(group, adamw)
+        for group, low_rank, _, projection in plan:
+            if low_rank:
+                self._apollo_step(group, low_rank, projection)
+        return loss
+
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[torch.Tensor]) -> None:
+        """Update only ``params`` (those holding a gradient), exactly as :meth:`step` would.
+
+        The entry point of :class:`~lightning_memopt.optim.LayerwiseOptimizer`, which updates
+        each parameter during backward as soon as its gradient is ready. Each parameter keeps
+        its group's hyper-parameters and its projection seed (``seed`` + its index in the whole
+        optimizer), so layer-wise training draws the same projections as :meth:`step`. With
+        ``check_finite``, a NaN/inf gradient skips these parameters only, with a warning.
+
+        Example:
+            >>> model = torch.nn.Linear(16, 32)
+            >>> opt = APOLLO([{"params": [model.weight], "low_rank": True},
+            ...               {"params": [model.bias], "low_rank": False}], lr=1e-3, rank=4)
+            >>> model(torch.randn(8, 16)).sum().backward()
+            >>> opt.step_parameters([model.weight])   # the bias keeps its gradient for later
+            >>> int(opt.state[model.weight]["step"]), model.bias in opt.state
+            (1, False)
+        """
+        wanted = {id(p) for p in params}
+        subsets = [
+            (group, [p for p in group["params"] if id(p) in wanted and p.grad is not None])
+            for group in self.param_groups
+        ]
+        grads = [p.grad for _, members in subsets for p in members]
+        # Sharded gradients (FSDP2): every rank must take the same decision.
+        if self.check_finite and grads and not all_ranks_finite(_all_finite(list(map(_local, grads))), grads):
+            warnings.warn(
+                "APOLLO: skipped the update of a parameter whose gradient holds NaN or inf; its weights "
+                "and optimizer state are unchanged. Lower the learning rate or enable gradient clipping.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        for group, members in subsets:
+            if any(p.grad.is_sparse for p in members):
+                raise RuntimeError("APOLLO does not support sparse gradients.")
+            adamw = [p for p in members if not self.is_low_rank(group, p)]
+            low_rank = [p for p in members if self.is_low_rank(group, p)]
             if adamw:
                 self._adamw_step(group, adamw)
             if low_rank:
                 self._apollo_step(group, low_rank)
-        return loss
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state[p] or self._init_adamw_state(p) for p in params]
@@ -313,82 +417,151 @@ class APOLLO(torch.optim.Optimizer):
             maximize=False,
         )
 
-    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        gap, limit = group["update_proj_gap"], group["norm_growth_limit"]
+    def _project_gradients(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Projected:
+        """``R = G Pᵀ`` (m >= n) or ``Pᵀ G`` (m < n) for the coming step of each matrix, and the
+        norms of ``G`` that the limiter needs, taken while ``G`` is still in the cache. No state
+        changes, so that a step can still be skipped after it."""
+        limiter, channel = group["norm_growth_limit"] is not None, group["scale_type"] == "channel"
+        projected, grad_norms = [], []
+        for p in params:
+            state = self.state[p]
+            m, n = p.shape
+            if state:
+                rank = state["exp_avg"].shape[1] if m >= n else state["exp_avg"].shape[0]
+            else:
+                rank = self.effective_rank(group, p.shape)
+            # The step counter is advanced by the Adam kernel; the coming step is the next one.
+            window = (int(state["step"]) if state else 0) // group["update_proj_gap"]
+            proj = self._projection(p, state, window, rank)
+            grad = _local(p.grad)
+            projected.append(grad @ proj.T if m >= n else proj.T @ grad)
+            if limiter:
+                # Channels are the rows of G when m >= n and its columns otherwise.
+                grad_norms.append(
+                    _channel_norms(grad, 1 if m >= n else 0) if channel else torch.linalg.vector_norm(grad)
+                )
+        return projected, grad_norms if limiter else None
+
+    def _apollo_step(
+        self, group: dict[str, Any], params: list[torch.Tensor], projection: _Projected | None = None
+    ) -> None:
+        """One APOLLO step of the matrices ``params`` of ``group``; ``projection``: their
+        :meth:`_project_gradients`, if already computed."""
+        if any(is_dtensor(p) for p in params):  # FSDP2 shards: same math plus collectives
+            apollo_step_sharded(self, group, [p for p in params if is_dtensor(p)])
+            params = [p for p in params if not is_dtensor(p)]
+            projection = None
+            if not params:
+                return
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item()
+        limit = group["norm_growth_limit"]
         channel = group["scale_type"] == "channel"
 
-        grads, projected, exp_avgs, exp_avg_sqs, states = [], [], [], [], []
-        bias_c1, sqrt_bias_c2 = [], []
+        projected, grad_norms = projection if projection is not None else self._project_gradients(group, params)
+        grads, states = [], []
         for p in params:
             state = self.state[p] if self.state[p] else self._init_low_rank_state(group, p)
             if "prev_update_norm" not in state and limit is not None:
                 state["prev_update_norm"] = torch.full((), math.inf, device=state["exp_avg"].device)
-            state["step"] += 1
-            step = int(state["step"])
-            rank = state["exp_avg"].shape[1] if p.shape[0] >= p.shape[1] else state["exp_avg"].shape[0]
-            proj = self._projection(p, state, (step - 1) // gap, rank)
-            grad = _local(p.grad)
-            projected.append(grad @ proj.T if p.shape[0] >= p.shape[1] else proj.T @ grad)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            grads.append(_local(p.grad))
             states.append(state)
-            bias_c1.append(1.0 - beta1**step)
-            sqrt_bias_c2.append(math.sqrt(1.0 - beta2**step))
 
-        # Adam on the projected gradients, batched across parameters.
-        torch._foreach_lerp_(exp_avgs, projected, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, projected, projected, 1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, sqrt_bias_c2)
-        torch._foreach_add_(denoms, eps)
-        normalized = torch._foreach_div(exp_avgs, denoms)
-        torch._foreach_div_(normalized, bias_c1)
-        del denoms
+        normalized = self._adam_normalized(group, projected, states)
 
+        # Scaling factors ||N|| / ||R||: per channel (rows of R when m >= n, else its columns)
+        # or per tensor.
+        channel_dims = [1 if p.shape[0] >= p.shape[1] else 0 for p in params]
+        if channel:
+            factors = [
+                _channel_norms(n_, dim).div_(_channel_norms(r, dim).add_(_RATIO_EPS))
+                for r, n_, dim in zip(projected, normalized, channel_dims)
+            ]
+        else:
+            factors = torch._foreach_norm(normalized)
+            torch._foreach_div_(factors, torch._foreach_add(torch._foreach_norm(projected), _RATIO_EPS))
+        del normalized, projected
+        if limit is not None:
+            self._limit_norm_growth(grad_norms, factors, channel, states, limit)
+
+        weights = [_local(p) for p in params]
         if weight_decay != 0.0:
-            torch._foreach_mul_([_local(p) for p in params], 1.0 - lr * weight_decay)
-        step_scale = -lr * math.sqrt(group["scale"])
-        for p, grad, r, n_, state in zip(params, grads, projected, normalized, states):
-            # Channels are the rows of R when m >= n and its columns otherwise.
-            channel_dim = 1 if p.shape[0] >= p.shape[1] else 0
-            if channel:
-                factor = torch.linalg.vector_norm(n_, dim=channel_dim) / (
-                    torch.linalg.vector_norm(r, dim=channel_dim) + _RATIO_EPS
-                )
-                factor = factor.unsqueeze(channel_dim)
-            else:
-                factor = torch.linalg.vector_norm(n_) / (torch.linalg.vector_norm(r) + _RATIO_EPS)
-            if limit is not None:
-                factor = self._limit_norm_growth(grad, factor, channel, channel_dim, state, limit)
-            _local(p).addcmul_(grad, factor.to(grad.dtype), value=step_scale)
+            torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
+        factors = [f if f.dtype == g.dtype else f.to(g.dtype) for f, g in zip(factors, grads)]
+        torch._foreach_addcmul_(weights, grads, factors, value=-lr * math.sqrt(group["scale"]))
+
+    @staticmethod
+    def _adam_normalized(
+        group: dict[str, Any], projected: list[torch.Tensor], states: list[dict[str, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Advance the Adam moments (and ``step``) with the projected gradients ``R`` and return
+        ``N = M̂ / (sqrt(V̂) + eps)``; the moments may be local views of sharded state.
+
+        Uses torch's own AdamW kernels (fused on the CPU, foreach elsewhere, as for the AdamW
+        groups): a zero "weight" stepped with lr=-1 and no decay becomes ``N``, in one pass
+        over the moments.
+        """
+        beta1, beta2 = group["betas"]
+        normalized = [torch.zeros_like(r) for r in projected]
+        on_cpu = all(r.device.type == "cpu" for r in projected)
+        functional_adamw(
+            normalized,
+            projected,
+            [_local(s["exp_avg"]) for s in states],
+            [_local(s["exp_avg_sq"]) for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=not on_cpu,
+            fused=on_cpu,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=-1.0,
+            weight_decay=0.0,
+            eps=group["eps"],
+            maximize=False,
+        )
+        return normalized
 
     @staticmethod
     def _limit_norm_growth(
-        grad: torch.Tensor,
-        factor: torch.Tensor,
+        grad_norms: list[torch.Tensor],
+        factors: list[torch.Tensor],
         channel: bool,
-        channel_dim: int,
-        state: dict[str, torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
         limit: float,
-    ) -> torch.Tensor:
-        """Scale ``factor`` so that ``||grad * factor||`` grows at most ``limit``-fold per step.
+    ) -> None:
+        """Scale each ``factor`` in place so that ``||grad * factor||`` grows at most ``limit``-fold
+        per step, from the gradients' norms (per channel, matching the factors, or per tensor).
 
-        Computed without materialising ``grad * factor`` and without a host sync.
+        Computed without materialising ``grad * factor`` and without a host sync, batched
+        across parameters.
         """
         if channel:
-            grad_norms = torch.linalg.vector_norm(grad, dim=channel_dim, keepdim=True)
-            update_norm = torch.linalg.vector_norm(factor * grad_norms)
+            update_norms = [torch.linalg.vector_norm(f * n) for f, n in zip(factors, grad_norms)]
         else:
-            update_norm = factor * torch.linalg.vector_norm(grad)
-        update_norm = update_norm.float()
-        prev = state["prev_update_norm"]
-        limiter = torch.clamp(update_norm / (prev + _RATIO_EPS), min=limit) / limit
-        prev.copy_(update_norm / limiter)
-        return factor / limiter.to(factor.dtype)
+            update_norms = torch._foreach_mul(grad_norms, factors)
+        update_norms = [u if u.dtype == torch.float32 else u.float() for u in update_norms]
+        APOLLO._apply_norm_limiter(update_norms, factors, states, limit)
+
+    @staticmethod
+    def _apply_norm_limiter(
+        update_norms: list[torch.Tensor],
+        factors: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        limit: float,
+    ) -> None:
+        """Given each update's norm ``||grad * factor||`` (float32 scalars), scale ``factors`` in
+        place so that it grows at most ``limit``-fold since the last step, and remember it."""
+        prevs = [s["prev_update_norm"] for s in states]
+        limiters = torch._foreach_div(update_norms, torch._foreach_add(prevs, _RATIO_EPS))
+        torch._foreach_clamp_min_(limiters, limit)
+        torch._foreach_div_(limiters, limit)
+        torch._foreach_copy_(prevs, torch._foreach_div(update_norms, limiters))
+        torch._foreach_div_(
+            factors, [lim if lim.dtype == f.dtype else lim.to(f.dtype) for lim, f in zip(limiters, factors)]
+        )
 
     # ------------------------------------------------------------------ memory
     def projection_cache_bytes(self) -> int:
@@ -442,12 +615,34 @@ class APOLLOMini(APOLLO):
         )
 
 
-def _keep_host_state_on_cpu(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict``: step counters and seeds back to the CPU (host scalars)."""
-    for state in optimizer.state.values():
-        for key in _HOST_STATE_KEYS:
-            value = state.get(key)
-            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-                state[key] = value.to("cpu")
+def _remember_exact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Before ``load_state_dict``: note the saved step counters, seeds and limiter norms.
+
+    torch casts every floating-point state tensor but ``step`` to its parameter's dtype: a
+    bf16 copy of a seed (exact only up to 256) or of the limiter's float32 norm would change
+    the resumed run.
+    """
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_state = state_dict["state"]
+    optimizer._exact_state = {  # type: ignore[attr-defined]
+        p: {k: v for k, v in saved_state.get(i, {}).items() if k in _EXACT_STATE_KEYS and _is_plain_tensor(v)}
+        for i, p in zip(saved_ids, params)
+    }
+
+
+def _restore_exact_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: those values in their saved dtype, step counters and seeds on
+    the CPU (host scalars), the limiter's norm beside the moments. Each is a copy, so that two
+    optimizers loaded from one state dict never share a counter."""
+    for param, values in optimizer.__dict__.pop("_exact_state", {}).items():
+        state = optimizer.state[param]
+        for key, value in values.items():
+            device = torch.device("cpu") if key in _HOST_STATE_KEYS else _local(param).device
+            state[key] = value.detach().to(device=device, copy=True)
     if isinstance(optimizer, APOLLO):
         optimizer._projection_cache.clear()
+
+
+def _is_plain_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not callable(getattr(value, "to_local", None))

@@ -49,6 +49,11 @@ class OptimizerSpec:
         description: one line for listings and error messages.
         layerwise: whether the name asks for layer-wise (in-backward) updates; the
             adapters read it, the optimizer itself is the same class.
+
+    Example:
+        >>> spec = OptimizerSpec("my_sgd", lambda: torch.optim.SGD, description="SGD")
+        >>> spec.factory is torch.optim.SGD, "momentum" in spec.option_types()
+        (True, True)
     """
 
     name: str
@@ -90,7 +95,7 @@ def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> None:
     """Add a name to the registry.
 
     Example:
-        >>> register_optimizer(OptimizerSpec("sgd_demo", lambda: torch.optim.SGD, description="plain SGD"))
+        >>> register_optimizer(OptimizerSpec("sgd_demo", lambda: torch.optim.SGD), overwrite=True)
         >>> "sgd_demo" in available_optimizers()
         True
     """
@@ -124,20 +129,32 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
         ) from None
 
 
+_SCALARS = (bool, int, float)
+
+
 def _convert(name: str, key: str, raw: str, annotation: Any) -> Any:
     text = raw.strip()
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
-        if type(None) in members and text.lower() in ("none", "null"):
+        members = [m for m in typing.get_args(annotation) if m is not type(None)]
+        if len(members) < len(typing.get_args(annotation)) and text.lower() in ("none", "null"):
             return None
+        # Only the members a string can become; `float | Tensor` means a float here.
+        scalars = [m for m in members if m in _SCALARS or m is str or m is Any]
         errors = []
-        for member in (m for m in members if m is not type(None)):
+        for member in scalars:
             try:
                 return _convert(name, key, text, member)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{name}: cannot parse {key}={raw!r}")
+        if errors:
+            raise ValueError(errors[0])
+        raise ValueError(f"optimizer {name!r}: option {key}={raw!r} cannot be given in an option string.")
+    if origin is tuple or annotation is tuple:
+        hint = " Set betas with beta1=...,beta2=... instead." if key == "betas" else ""
+        raise ValueError(
+            f"optimizer {name!r}: option {key}={raw!r} takes a tuple, which an option string cannot hold.{hint}"
+        )
     try:
         if annotation is bool:
             lowered = text.lower()

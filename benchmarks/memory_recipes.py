@@ -1,0 +1,327 @@
+"""Memory recipes side by side: what each technique saves on one ~100M LLaMA, one batch.
+
+Each row is a recipe, trained for a few steps on the same batch in a fresh Python process
+(so that the whole-process peak resident set is that recipe's alone):
+
+==========================  =====================================================================
+fp32 AdamW                  ``torch.optim.AdamW``, fp32, nothing else (the baseline)
++ activation checkpointing  the same, every decoder block checkpointed (``policy="full"``)
+APOLLO-Mini                 ``APOLLOMini`` (rank 1, tensor-wise scaling); embeddings/head on AdamW
++ layer-wise                APOLLO-Mini with in-backward updates (``LayerwiseOptimizer``)
++ INT8 weights              n/a: INT8 weight training is not available yet
+all                         APOLLO-Mini + layer-wise + activation checkpointing
+==========================  =====================================================================
+
+Columns: parameter bytes; gradients (the peak of the live ``.grad`` bytes during backward, from
+post-accumulate-grad hooks that run before the optimizer's); optimizer state (after the steps,
+:func:`lightning_memopt.memory.breakdown`); activations (bytes allocated by one forward pass and
+still alive at its end: :func:`lightning_memopt.layers.checkpointing.measure_activation_bytes`);
+the tensor peak (the most tensor bytes alive at once during one profiled training step: params,
+optimizer state and everything the step allocates; the CPU analogue of CUDA's
+``max_memory_allocated``); the whole-process peak resident set (``VmHWM``), which also holds what
+the C allocator keeps after frees, and that peak minus the resident set before the model was built
+(the interpreter and libraries: the same for every row); tokens/s over the timed
+steps (after one warm-up step), and the speed ratio by the process's CPU time per step as well
+(on a shared machine the wall time depends on the other processes). The target of the full
+recipe: peak at most 1/4 of fp32 AdamW's, tokens/s at least 0.6x.
+
+Usage::
+
+    python benchmarks/memory_recipes.py                 # ~100M LLaMA (hidden 640, 12 layers, vocab 32000)
+    python benchmarks/memory_recipes.py --smoke --out /tmp/x   # a tiny model, seconds (the test)
+    python benchmarks/memory_recipes.py --recipes adamw,all --batch 4 --seq 512
+
+Writes ``<out>/memory_recipes.json`` and ``<out>/memory_recipes.md`` (default ``benchmarks/results``).
+CPU timings on a shared machine are noisy; the byte columns are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PEAK_TARGET, SPEED_TARGET = 0.25, 0.6
+
+# name -> (label, optimizer, layer-wise, activation checkpointing); None: not available yet.
+RECIPES: dict[str, tuple[str, str, bool, bool] | None] = {
+    "adamw": ("fp32 AdamW", "adamw", False, False),
+    "adamw_ckpt": ("+ activation checkpointing", "adamw", False, True),
+    "apollo_mini": ("APOLLO-Mini", "apollo_mini", False, False),
+    "apollo_mini_layerwise": ("+ layer-wise", "apollo_mini", True, False),
+    "int8": None,
+    "all": ("all (APOLLO-Mini + layer-wise + checkpointing)", "apollo_mini", True, True),
+}
+NOT_AVAILABLE = {"int8": "+ INT8 weights"}
+
+SHAPES: dict[str, dict[str, int]] = {
+    # ~100M parameters: 59.5M in the blocks, 41M in the embeddings and the untied LM head.
+    "100m": {
+        "hidden": 640,
+        "intermediate": 1728,
+        "layers": 12,
+        "heads": 10,
+        "vocab": 32000,
+        "seq": 256,
+        "batch": 8,
+        "steps": 2,
+    },
+    "smoke": {
+        "hidden": 32,
+        "intermediate": 64,
+        "layers": 2,
+        "heads": 2,
+        "vocab": 64,
+        "seq": 16,
+        "batch": 2,
+        "steps": 1,
+    },
+}
+
+
+# ---------------------------------------------------------------------------- one recipe (child process)
+def peak_allocated_during(fn: Any) -> int:
+    """The peak, over ``fn()``, of the tensor bytes it allocated and had not freed yet (CPU).
+
+    The CPU analogue of ``torch.cuda.max_memory_allocated``, from the torch profiler's memory
+    records: unlike the resident set, it does not count memory the C allocator keeps after a free.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def run_recipe(name: str, shape: dict[str, int]) -> dict[str, Any]:
+    """Train ``shape["steps"]`` timed steps (after one warm-up) with recipe ``name``; measure it."""
+    from lightning_memopt.memory.peak import current_rss_bytes
+
+    rss_before_model = current_rss_bytes()
+    import torch
+
+    from lightning_memopt.layers import apply_activation_checkpointing
+    from lightning_memopt.layers.checkpointing import measure_activation_bytes
+    from lightning_memopt.memory import PeakMemory, breakdown
+    from lightning_memopt.models import build_llama
+    from lightning_memopt.optim import LayerwiseOptimizer, create_optimizer
+
+    label, optimizer_name, layerwise, checkpointing = RECIPES[name]
+    torch.manual_seed(0)
+    model = build_llama(
+        "tiny",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=shape["seq"],
+    )
+    if checkpointing:
+        apply_activation_checkpointing(model, policy="full")
+
+    params = list(model.parameters())
+    peak_grads = 0
+
+    def track_live_grads(_: torch.Tensor) -> None:
+        nonlocal peak_grads
+        peak_grads = max(peak_grads, sum(p.grad.nbytes for p in params if p.grad is not None))
+
+    for param in params:  # registered before the layer-wise driver's hooks: they see each gradient alive
+        param.register_post_accumulate_grad_hook(track_live_grads)
+    optimizer = create_optimizer(optimizer_name, model, lr=1e-4)
+    if layerwise:
+        optimizer = LayerwiseOptimizer(optimizer)
+
+    tokens = torch.randint(
+        0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)
+    )
+
+    def train_step() -> float:
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    train_step()  # warm-up: builds the optimizer state
+    times, cpu_times, losses = [], [], []
+    for _ in range(shape["steps"]):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(train_step())
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+
+    memory = breakdown(model, optimizer, grads=False)
+    held = memory.params_bytes + memory.buffers_bytes + memory.optimizer_state_bytes + memory.projection_cache_bytes
+    tensor_peak = held + peak_allocated_during(train_step)
+    output, activation_bytes = measure_activation_bytes(lambda: model(input_ids=tokens, labels=tokens).loss)
+    del output  # dropped without backward: the measurement is not a training step
+    peak = PeakMemory("cpu").read()["peak_bytes"]  # never reset: the process's lifetime peak
+    step_s, cpu_s = sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2]
+    return {
+        "recipe": name,
+        "label": label,
+        "params": sum(p.numel() for p in params),
+        "params_bytes": memory.params_bytes,
+        "grads_peak_bytes": peak_grads,
+        "optimizer_state_bytes": memory.optimizer_state_bytes,
+        "activation_bytes": activation_bytes,
+        "tensor_peak_bytes": tensor_peak,
+        "process_peak_bytes": peak,
+        "training_peak_bytes": peak - rss_before_model,
+        "rss_before_model_bytes": rss_before_model,
+        "step_s": step_s,
+        "tokens_per_s": shape["batch"] * shape["seq"] / step_s,
+        # CPU time of the process per step: on a shared machine, less at the mercy of the others.
+        "step_cpu_s": cpu_s,
+        "tokens_per_cpu_s": shape["batch"] * shape["seq"] / cpu_s,
+        "losses": losses,
+    }
+
+
+# ---------------------------------------------------------------------------- the table (parent process)
+def run_in_fresh_process(name: str, shape_name: str, overrides: dict[str, int]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        result_file = Path(folder) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--shape", shape_name]
+        command += ["--child-out", str(result_file), *(f"--{key}={value}" for key, value in overrides.items())]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"recipe {name!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        return json.loads(result_file.read_text())
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    base = next((r for r in rows if r.get("recipe") == "adamw"), None)
+    lines = [
+        f"Model: LLaMA-shaped, {report['shape']['params'] / 1e6:.1f}M parameters (hidden {report['shape']['hidden']}, "
+        f"{report['shape']['layers']} layers, vocab {report['shape']['vocab']}), batch {report['shape']['batch']} x "
+        f"{report['shape']['seq']} tokens, fp32, {report['device']}; each recipe in a fresh process.",
+        "",
+        "| recipe | params MiB | grads (peak live) MiB | optimizer state MiB | activations MiB | tensor peak MiB "
+        "| vs AdamW | process peak MiB | training peak MiB | vs AdamW | tokens/s | speed vs AdamW "
+        "| speed vs AdamW (CPU time) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "not_available" in row:
+            lines.append(f"| {row['label']} | " + " | ".join(["n/a"] * 12) + " |")
+            continue
+        peak_ratio = f"{row['training_peak_bytes'] / base['training_peak_bytes']:.2f}x" if base else "-"
+        tensor_ratio = f"{row['tensor_peak_bytes'] / base['tensor_peak_bytes']:.2f}x" if base else "-"
+        speed_ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        cpu_ratio = f"{row['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x" if base else "-"
+        lines.append(
+            f"| {row['label']} | {_mib(row['params_bytes'])} | {_mib(row['grads_peak_bytes'])} "
+            f"| {_mib(row['optimizer_state_bytes'])} | {_mib(row['activation_bytes'])} "
+            f"| {_mib(row['tensor_peak_bytes'])} | {tensor_ratio} "
+            f"| {_mib(row['process_peak_bytes'])} | {_mib(row['training_peak_bytes'])} | {peak_ratio} "
+            f"| {row['tokens_per_s']:,.0f} | {speed_ratio} | {cpu_ratio} |"
+        )
+    full = next((r for r in rows if r.get("recipe") == "all"), None)
+    if base and full:
+        verdict = report["target"]
+        lines += [
+            "",
+            f"Full recipe vs fp32 AdamW: tensor peak {verdict['tensor_peak_ratio']:.2f}x, "
+            f"process peak {verdict['peak_ratio']:.2f}x (target <= {PEAK_TARGET}), "
+            f"training peak (above the {_mib(base['rss_before_model_bytes'])} MiB the interpreter and libraries hold) "
+            f"{verdict['training_peak_ratio']:.2f}x, tokens/s {verdict['speed_ratio']:.2f}x "
+            f"({verdict['cpu_speed_ratio']:.2f}x by CPU time; target >= {SPEED_TARGET}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, one timed step (seconds)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from: {', '.join(RECIPES)}")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and markdown results")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: the shape's)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the shape's)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default: the shape's)")
+    parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    shape_name = args.shape or ("smoke" if args.smoke else "100m")
+    overrides = {key: getattr(args, key) for key in ("batch", "seq", "steps") if getattr(args, key) is not None}
+    shape = {**SHAPES[shape_name], **overrides}
+    if args.child:
+        result = run_recipe(args.child, shape)
+        args.child_out.write_text(json.dumps(result))
+        return result
+
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    rows = []
+    for name in names:
+        if RECIPES[name] is None:
+            rows.append(
+                {"recipe": name, "label": NOT_AVAILABLE[name], "not_available": "INT8 weights not available yet"}
+            )
+            continue
+        rows.append(run_in_fresh_process(name, shape_name, overrides))
+        print(
+            f"  {rows[-1]['label']}: peak {_mib(rows[-1]['process_peak_bytes'])} MiB, "
+            f"{rows[-1]['tokens_per_s']:,.0f} tokens/s",
+            flush=True,
+        )
+
+    measured = [r for r in rows if "not_available" not in r]
+    report: dict[str, Any] = {
+        "benchmark": "memory_recipes",
+        "shape": {**shape, "name": shape_name, "params": measured[0]["params"] if measured else 0},
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{__import__('torch').get_num_threads()})",
+        "python": platform.python_version(),
+        "rows": rows,
+    }
+    base = next((r for r in measured if r["recipe"] == "adamw"), None)
+    full = next((r for r in measured if r["recipe"] == "all"), None)
+    if base and full:
+        report["target"] = {
+            "peak_ratio": full["process_peak_bytes"] / base["process_peak_bytes"],
+            "tensor_peak_ratio": full["tensor_peak_bytes"] / base["tensor_peak_bytes"],
+            "training_peak_ratio": full["training_peak_bytes"] / base["training_peak_bytes"],
+            "speed_ratio": full["tokens_per_s"] / base["tokens_per_s"],
+            "cpu_speed_ratio": full["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
+            "peak_target": PEAK_TARGET,
+            "speed_target": SPEED_TARGET,
+        }
+        report["target"]["met"] = (
+            report["target"]["peak_ratio"] <= PEAK_TARGET and report["target"]["speed_ratio"] >= SPEED_TARGET
+        )
+    markdown = render_markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory_recipes.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "memory_recipes.md").write_text(markdown)
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Optimizer step time and state memory on the APOLLO paper's LLaMA shapes, side by side.
+
+One run measures, on one LLaMA-shaped parameter set with random gradients, torch AdamW
+(fused and foreach), our APOLLO (rank 128 and 256) and APOLLO-Mini, bitsandbytes AdamW8bit,
+and, when they are installed (``pip install apollo-torch galore-torch``; both optional, the
+first is licensed non-commercial and never a dependency of the package), the reference
+``apollo_torch.APOLLOAdamW`` and ``galore_torch.GaLoreAdamW``.
+
+All optimizers step the *same* parameter tensors with the same gradients, one step of each in
+turn per repeat (round robin), so that the noise of a shared machine falls on all of them
+alike; the reported time is the median over repeats, after warm-up steps that are not timed
+(the first step builds the state; later warm-up steps settle the caches). Ratios are to
+``AdamW(fused=True)`` of the same run. The low-rank methods use the paper's split: the
+attention and MLP matrices are low-rank, embeddings, norms and the LM head get AdamW.
+
+Usage::
+
+    python benchmarks/optimizer_step.py                      # 60m and 130m, 10 repeats
+    python benchmarks/optimizer_step.py --shapes 60m --repeats 20 --warmup 3
+    python benchmarks/optimizer_step.py --smoke --out /tmp/x # tiny shapes, 2 repeats (the test)
+
+Writes ``<out>/optimizer_step.json`` and ``<out>/optimizer_step.md`` (default
+``benchmarks/results``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_memopt.optim import APOLLO, APOLLOMini
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The APOLLO / GaLore paper's LLaMA configurations (llama_60m.json, llama_130m.json), untied head.
+SHAPES: dict[str, dict[str, int]] = {
+    "60m": {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "vocab": 32000},
+    "130m": {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "vocab": 32000},
+    # --smoke: tiny, for the test that checks the script end to end.
+    "smoke": {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "vocab": 256},
+}
+
+
+@dataclass
+class ParamSet:
+    """A LLaMA-shaped parameter set: low-rank matrices (attention, MLP) and the rest."""
+
+    low_rank: list[torch.nn.Parameter]
+    rest: list[torch.nn.Parameter]
+
+    @property
+    def all(self) -> list[torch.nn.Parameter]:
+        return self.low_rank + self.rest
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.all)
+
+
+def llama_param_shapes(hidden: int, intermediate: int, layers: int, heads: int, vocab: int) -> dict[str, list]:
+    """Shapes of a LLaMA decoder's parameters, as ``transformers.LlamaForCausalLM`` lays them out."""
+    del heads  # the projections are hidden x hidden whatever the head count (no GQA here)
+    low_rank, rest = [], [(vocab, hidden)]  # embed_tokens
+    for _ in range(layers):
+        low_rank += [(hidden, hidden)] * 4  # q, k, v, o
+        low_rank += [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]  # gate, up, down
+        rest += [(hidden,), (hidden,)]  # input and post-attention RMSNorm
+    rest += [(hidden,), (vocab, hidden)]  # final norm, lm_head
+    return {"low_rank": low_rank, "rest": rest}
+
+
+def make_param_set(shape_name: str, seed: int = 0) -> ParamSet:
+    shapes = llama_param_shapes(**SHAPES[shape_name])
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(shape: tuple[int, ...]) -> torch.nn.Parameter:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
+        p.grad = torch.randn(shape, generator=generator) * 1e-3
+        return p
+
+    return ParamSet([make(s) for s in shapes["low_rank"]], [make(s) for s in shapes["rest"]])
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps per parameter (its state, also inside objects
+    such as the reference's projector), each storage counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def visit(value: Any, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth)
+        elif depth < 2 and hasattr(value, "__dict__"):
+            for v in vars(value).values():
+                visit(v, depth + 1)
+
+    for state in optimizer.state.values():
+        visit(state)
+    return total
+
+
+def extra_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Memory an optimizer holds outside its state dict (our cached projections)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return optimizer.projection_cache_bytes() if isinstance(optimizer, APOLLO) else 0
+
+
+class WithMatmulPrecision:
+    """Steps ``optimizer`` under ``torch.set_float32_matmul_precision(precision)``, the
+    user-level switch that lets float32 matmuls run in bfloat16 (oneDNN/AMX on the CPU,
+    as TF32 on a GPU). Only APOLLO's projection is a matmul; AdamW has none."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, precision: str) -> None:
+        self.optimizer, self.precision = optimizer, precision
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def step(self) -> None:
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.precision)
+        try:
+            self.optimizer.step()
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+# ----------------------------------------------------------------------------- contenders
+Builder = Callable[[ParamSet], torch.optim.Optimizer]
+LR, WEIGHT_DECAY = 1e-3, 0.0
+
+
+def _apollo(rank: int, **kwargs: Any) -> Builder:
+    def build(ps: ParamSet) -> torch.optim.Optimizer:
+        groups = [{"params": ps.low_rank, "low_rank": True}, {"params": ps.rest, "low_rank": False}]
+        return APOLLO(groups, lr=LR, weight_decay=WEIGHT_DECAY, rank=rank, **kwargs)
+
+    return build
+
+
+def _medium_precision(build: Builder) -> Builder:
+    return lambda ps: WithMatmulPrecision(build(ps), "medium")  # type: ignore[return-value]
+
+
+def _apollo_mini(**kwargs: Any) -> Builder:
+    def build(ps: ParamSet) -> torch.optim.Optimizer:
+        groups = [{"params": ps.low_rank, "low_rank": True}, {"params": ps.rest, "low_rank": False}]
+        return APOLLOMini(groups, lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
+
+    return build
+
+
+def _reference_apollo(rank: int, scale_type: str, scale: float) -> Builder:
+    def build(ps: ParamSet) -> torch.optim.Optimizer:
+        from apollo_torch import APOLLOAdamW
+
+        low_rank = {
+            "params": ps.low_rank,
+            "rank": rank,
+            "proj": "random",
+            "scale_type": scale_type,
+            "scale": scale,
+            "update_proj_gap": 200,
+            "proj_type": "std",
+        }
+        return APOLLOAdamW([low_rank, {"params": ps.rest}], lr=LR, weight_decay=WEIGHT_DECAY)
+
+    return build
+
+
+def _reference_galore(rank: int) -> Builder:
+    def build(ps: ParamSet) -> torch.optim.Optimizer:
+        from galore_torch import GaLoreAdamW
+
+        low_rank = {"params": ps.low_rank, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+        return GaLoreAdamW([low_rank, {"params": ps.rest}], lr=LR, weight_decay=WEIGHT_DECAY)
+
+    return build
+
+
+def _adamw(**kwargs: Any) -> Builder:
+    return lambda ps: torch.optim.AdamW(ps.all, lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
+
+
+def _adamw8bit(ps: ParamSet) -> torch.optim.Optimizer:
+    from bitsandbytes.optim import AdamW8bit
+
+    return AdamW8bit(ps.all, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def contenders() -> list[tuple[str, str, Builder]]:
+    """(name, description, builder) of everything that can run here; the first is the baseline."""
+    rows: list[tuple[str, str, Builder]] = [
+        ("adamw_fused", "torch AdamW(fused=True)", _adamw(fused=True)),
+        ("adamw_foreach", "torch AdamW(foreach=True)", _adamw(foreach=True)),
+        ("apollo_r256", "ours: APOLLO rank 256, channel", _apollo(256)),
+        ("apollo_r128", "ours: APOLLO rank 128, channel", _apollo(128)),
+        ("apollo_mini", "ours: APOLLO-Mini (rank 1, tensor, scale 128)", _apollo_mini()),
+        ("apollo_r256_nocheck", "ours: APOLLO rank 256, check_finite=False", _apollo(256, check_finite=False)),
+        ("apollo_mini_nocheck", "ours: APOLLO-Mini, check_finite=False", _apollo_mini(check_finite=False)),
+        ("apollo_r256_bf16mm", "ours: APOLLO rank 256, matmul precision 'medium'", _medium_precision(_apollo(256))),
+        ("apollo_r128_bf16mm", "ours: APOLLO rank 128, matmul precision 'medium'", _medium_precision(_apollo(128))),
+    ]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        rows.append(("adamw8bit", "bitsandbytes AdamW8bit", _adamw8bit))
+    if importlib.util.find_spec("apollo_torch") is not None:
+        rows.append(("ref_apollo_r256", "apollo-torch APOLLOAdamW rank 256", _reference_apollo(256, "channel", 1.0)))
+        rows.append(("ref_apollo_r128", "apollo-torch APOLLOAdamW rank 128", _reference_apollo(128, "channel", 1.0)))
+        mini = _reference_apollo(1, "tensor", 128.0)
+        rows.append(("ref_apollo_mini", "apollo-torch APOLLOAdamW rank 1, tensor, scale 128", mini))
+    if importlib.util.find_spec("galore_torch") is not None:
+        rows.append(("ref_galore_r256", "galore-torch GaLoreAdamW rank 256", _reference_galore(256)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- measurement
+def measure(shape_name: str, repeats: int, warmup: int, only: Iterable[str] | None = None) -> dict[str, Any]:
+    """Time every contender on one parameter set, round robin; return the shape's result record."""
+    ps = make_param_set(shape_name)
+    chosen = [c for c in contenders() if only is None or c[0] in set(only)]
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    descriptions: dict[str, str] = {}
+    times: dict[str, list[float]] = {}
+    # The peers' deprecation chatter, and rank clamping on the --smoke shapes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, description, build in chosen:
+            optimizers[name] = build(ps)
+            descriptions[name] = description
+            times[name] = []
+        for i in range(warmup + repeats):
+            for name, optimizer in optimizers.items():
+                start = time.perf_counter()
+                optimizer.step()
+                elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    times[name].append(elapsed)
+    base = statistics.median(times[chosen[0][0]])
+    base_state = state_bytes(optimizers[chosen[0][0]])
+    rows = []
+    for name, optimizer in optimizers.items():
+        median = statistics.median(times[name])
+        nbytes = state_bytes(optimizer)
+        rows.append(
+            {
+                "name": name,
+                "description": descriptions[name],
+                "step_ms_median": median * 1e3,
+                "step_ms_min": min(times[name]) * 1e3,
+                "step_ms_all": [t * 1e3 for t in times[name]],
+                "ratio_to_adamw_fused": median / base,
+                "state_bytes": nbytes,
+                "state_ratio_to_adamw_fused": nbytes / base_state,
+                "extra_bytes": extra_bytes(optimizer),
+            }
+        )
+    low_rank_numel = sum(p.numel() for p in ps.low_rank)
+    return {
+        "shape": shape_name,
+        "config": SHAPES[shape_name],
+        "num_params": ps.numel(),
+        "low_rank_params": low_rank_numel,
+        "repeats": repeats,
+        "warmup": warmup,
+        "results": rows,
+    }
+
+
+def targets(record: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets for one shape: (value, bound, met) for each that can be checked."""
+    by_name = {r["name"]: r for r in record["results"]}
+    out: dict[str, Any] = {}
+
+    def add(key: str, num: str, den: str, bound: float, at_most: bool) -> None:
+        if num in by_name and den in by_name:
+            value = by_name[num]["step_ms_median"] / by_name[den]["step_ms_median"]
+            out[key] = {"value": value, "bound": bound, "met": value <= bound if at_most else value >= bound}
+
+    add("apollo_mini / adamw_fused <= 1.0", "apollo_mini", "adamw_fused", 1.0, True)
+    add("apollo_r256 / adamw_fused <= 1.5", "apollo_r256", "adamw_fused", 1.5, True)
+    add("ref_apollo_r256 / apollo_r256 >= 2", "ref_apollo_r256", "apollo_r256", 2.0, False)
+    add("ref_apollo_mini / apollo_mini >= 2", "ref_apollo_mini", "apollo_mini", 2.0, False)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Optimizer step: time and state memory",
+        "",
+        f"Machine: {report['machine']['cpu']} ({report['machine']['threads']} threads), "
+        f"torch {report['machine']['torch']}. Median over {report['records'][0]['repeats']} repeats "
+        f"after {report['records'][0]['warmup']} warm-up steps; random gradients; ratios to "
+        "`AdamW(fused=True)` of the same run.",
+        "",
+    ]
+    for record in report["records"]:
+        lines += [
+            f"## {record['shape']} ({record['num_params'] / 1e6:.1f}M parameters, "
+            f"{record['low_rank_params'] / 1e6:.1f}M in low-rank matrices)",
+            "",
+            "| optimizer | step (ms) | x fused AdamW | state (MiB) | x fused AdamW | projection cache (MiB) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in record["results"]:
+            lines.append(
+                f"| {r['description']} | {r['step_ms_median']:.1f} | {r['ratio_to_adamw_fused']:.2f} | "
+                f"{r['state_bytes'] / 2**20:.1f} | {r['state_ratio_to_adamw_fused']:.3f} | "
+                f"{r['extra_bytes'] / 2**20:.1f} |"
+            )
+        checks = targets(record)
+        if checks:
+            lines += [
+                "",
+                "Targets: "
+                + "; ".join(f"{k}: {v['value']:.2f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()),
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["60m", "130m"], choices=[s for s in SHAPES if s != "smoke"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", nargs="+", default=None, help="measure only these contenders (the first is the base)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats, 1 warm-up step (for the test)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for optimizer_step.json and .md")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes, repeats, warmup = (["smoke"], 2, 1) if args.smoke else (args.shapes, args.repeats, args.warmup)
+
+    report: dict[str, Any] = {
+        "benchmark": "optimizer_step",
+        "machine": {
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "device": "cpu",
+        },
+        "records": [],
+    }
+    for shape in shapes:
+        record = measure(shape, repeats, warmup, args.only)
+        record["targets"] = targets(record)
+        report["records"].append(record)
+        print(markdown({**report, "records": [record]}), flush=True)
+    text = markdown(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "optimizer_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "optimizer_step.md").write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,253 @@
+"""``TextDataModule``: a local text corpus, tokenised once, cut into fixed-length blocks for
+causal language modelling.
+
+The pipeline (``datasets``): documents -> token ids (each document ends with the end-of-text
+token) -> concatenated and cut into blocks of ``seq_len`` -> a seeded train/validation split ->
+saved under the cache folder. A later run with the same corpus, tokenizer and block settings
+loads the blocks from disk instead of tokenising again.
+
+Example:
+    >>> from lightning_memopt.data import TextDataModule
+    >>> dm = TextDataModule(tokenizer="byte", seq_len=64, batch_size=4, max_chars=50_000)
+    >>> dm.prepare_data(); dm.setup("fit")
+    >>> next(iter(dm.train_dataloader()))["input_ids"].shape
+    torch.Size([4, 64])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from .corpus import load_corpus
+from .tokenizer import build_tokenizer, corpus_fingerprint, default_cache_dir
+
+# Bumped when the block layout changes, so stale cached datasets are not reused.
+_BLOCKS_FORMAT = "blocks-v1"
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide ``datasets``' per-map progress bars: Lightning's bar is the one users watch."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+class TextDataModule(LightningDataModule):
+    """Causal-LM blocks from a local corpus, with a train/validation split.
+
+    Args:
+        sources: ``"pydoc"`` (the CPython documentation, the default), ``"stdlib"`` (the
+            standard library's sources), a path to a text file, a folder of text files, or a
+            ``datasets`` dataset saved with ``save_to_disk``; or a list of these.
+        tokenizer: ``"bpe"`` (a byte-level BPE trained on the corpus and cached), ``"byte"``
+            (257 symbols, no training), or a local Hugging Face tokenizer folder.
+        bpe_vocab_size: the BPE's vocabulary size (``tokenizer="bpe"`` only).
+        seq_len: tokens per block (the model's context length in training).
+        batch_size: blocks per batch (per device).
+        val_fraction: share of the blocks held out for validation (at least one block).
+        max_chars: use only the first ``max_chars`` characters of the corpus (fast runs, tests).
+        text_column: the text column of a saved ``datasets`` dataset.
+        cache_dir: where tokenizers and tokenised blocks are cached (default
+            ``$LIGHTNING_MEMOPT_CACHE`` or ``~/.cache/lightning_memopt``).
+        num_workers: ``DataLoader`` worker processes.
+        seed: seed of the train/validation split and of the training shuffle.
+
+    ``test`` and ``predict`` use the validation blocks.
+
+    Example:
+        >>> dm = TextDataModule(sources=["pydoc", "stdlib"], bpe_vocab_size=8192, seq_len=256)
+        >>> dm.batch_size
+        8
+    """
+
+    def __init__(
+        self,
+        sources: str | list[str] = "pydoc",
+        tokenizer: str = "bpe",
+        bpe_vocab_size: int = 4096,
+        seq_len: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        max_chars: int | None = None,
+        text_column: str = "text",
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be at least 2, got {seq_len}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
+        self.save_hyperparameters()
+        self.sources = sources
+        self.tokenizer_name = tokenizer
+        self.bpe_vocab_size = bpe_vocab_size
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.max_chars = max_chars
+        self.text_column = text_column
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.num_workers = num_workers
+        self.seed = seed
+        self._documents: list[str] | None = None
+        self._tokenizer = None
+        self._splits = None
+
+    # -- pieces, built lazily and shared ---------------------------------------------------------
+
+    @property
+    def documents(self) -> list[str]:
+        """The corpus, read once."""
+        if self._documents is None:
+            self._documents = load_corpus(self.sources, self.max_chars, self.text_column)
+        return self._documents
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (a ``PreTrainedTokenizerFast``), built or loaded from the cache once."""
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(
+                self.tokenizer_name,
+                self.documents if self.tokenizer_name == "bpe" else None,
+                self.bpe_vocab_size,
+                self.cache_dir,
+            )
+        return self._tokenizer
+
+    @property
+    def num_tokens(self) -> int:
+        """The tokenizer's vocabulary size (what a model's embedding must hold)."""
+        return len(self.tokenizer)
+
+    def _blocks_path(self) -> Path:
+        tokenizer = self.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        tokenizer_id = backend.to_str() if backend is not None else repr(self.tokenizer_name)
+        key = corpus_fingerprint(
+            [
+                _BLOCKS_FORMAT,
+                corpus_fingerprint(self.documents),
+                corpus_fingerprint([tokenizer_id]),
+                str(self.seq_len),
+                repr(self.val_fraction),
+                str(self.seed),
+            ]
+        )
+        return self.cache_dir / f"{_BLOCKS_FORMAT}-{key}"
+
+    def _build_blocks(self, path: Path) -> None:
+        from datasets import Dataset
+
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id
+        seq_len = self.seq_len
+
+        def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [[*row, eos] for row in ids]}
+
+        def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+            flat = [t for row in batch["input_ids"] for t in row]
+            usable = len(flat) - len(flat) % seq_len
+            return {"input_ids": [flat[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+        with _quiet_datasets():
+            docs = Dataset.from_dict({"text": self.documents})
+            tokens = docs.map(tokenize, batched=True, remove_columns=["text"])
+            # One batch for the whole corpus, so no tokens are lost at batch seams (the embedded
+            # corpus is a few MB); large user corpora are grouped 2000 documents at a time.
+            blocks = tokens.map(group, batched=True, batch_size=None if len(tokens) <= 20_000 else 2000)
+            if len(blocks) < 2:
+                raise ValueError(
+                    f"the corpus gives {len(blocks)} block(s) of data.seq_len={seq_len} tokens; at least 2 are needed "
+                    "(one for training, one for validation). Lower seq_len or raise max_chars."
+                )
+            n_val = max(1, round(len(blocks) * self.val_fraction))
+            splits = blocks.train_test_split(test_size=n_val, seed=self.seed)
+            splits["validation"] = splits.pop("test")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+            splits.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another rank won the race: its copy is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- LightningDataModule hooks ---------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the tokenizer and the tokenised blocks into the cache (once, on local rank 0)."""
+        path = self._blocks_path()
+        if not path.exists():
+            self._build_blocks(path)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached blocks (building them if ``prepare_data`` did not run)."""
+        if self._splits is not None:
+            return
+        from datasets import load_from_disk
+
+        path = self._blocks_path()
+        if not path.exists():
+            self._build_blocks(path)
+        splits = load_from_disk(str(path))
+        splits.set_format("torch", columns=["input_ids"])
+        self._splits = splits
+
+    def _split(self, name: str):
+        if self._splits is None:
+            self.setup()
+        return self._splits[name]
+
+    @property
+    def train_dataset(self):
+        """The training blocks (a ``datasets.Dataset`` of ``input_ids`` tensors)."""
+        return self._split("train")
+
+    @property
+    def val_dataset(self):
+        """The validation blocks."""
+        return self._split("validation")
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)

@@ -1,0 +1,328 @@
+"""``CausalLM``: a LightningModule that pre-trains (or fine-tunes) a causal language model.
+
+The optimizer is an ``OptimizerCallable`` built in ``configure_optimizers``, after any
+sharding strategy has wrapped the model, so it always holds the parameters that train. (The
+LightningCLI's own top-level ``optimizer:`` key builds it from the unsharded parameters at
+start-up: under FSDP2 such an optimizer trains nothing, so our CLI refuses it.)
+
+Example:
+    >>> from functools import partial
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_memopt.data import TextDataModule
+    >>> from lightning_memopt.models import CausalLM
+    >>> from lightning_memopt.optim import APOLLOMini
+    >>> lm = CausalLM("tiny", optimizer=partial(APOLLOMini, lr=1e-2))
+    >>> trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False)
+    >>> trainer.fit(lm, TextDataModule(tokenizer="byte", max_chars=50_000))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_memopt.optim import APOLLOMini, apollo_param_groups
+
+from .llama import LLAMA_SIZES, PAPER_VOCAB_SIZE, build_llama
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warm-up to the base LR, then cosine decay to ``min_lr_ratio`` of it: the schedule
+    of the APOLLO paper's pre-training runs (10% warm-up, decay to 10%). Stepped once per
+    optimizer step.
+
+    Args:
+        total_steps: optimizer steps of the whole run. ``None``: :class:`CausalLM` fills in the
+            trainer's (``max_steps``, or what the epochs amount to) before the first step.
+        warmup_steps: steps of linear warm-up, or a fraction (< 1) of ``total_steps``.
+        min_lr_ratio: the final LR as a fraction of the base LR.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = WarmupCosineLR(opt, total_steps=100, warmup_steps=0.1)
+        >>> lrs = []
+        >>> for _ in range(100):
+        ...     lrs.append(round(opt.param_groups[0]["lr"], 3)); opt.step(); sched.step()
+        >>> lrs[0], lrs[10], lrs[-1]
+        (0.0, 1.0, 0.1)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int | None = None,
+        warmup_steps: int | float = 0,
+        min_lr_ratio: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        if warmup_steps < 0 or (isinstance(warmup_steps, float) and warmup_steps >= 1):
+            raise ValueError(
+                f"WarmupCosineLR: warmup_steps={warmup_steps} must be a step count (int) or a fraction in [0, 1)."
+            )
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        super().__init__(optimizer, self._factor, last_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the run length (what ``total_steps=None`` leaves open).
+
+        Example:
+            >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            >>> WarmupCosineLR(opt, warmup_steps=0.1).set_total_steps(50)
+        """
+        warmup = self._warmup(total_steps)
+        if total_steps <= 0 or warmup >= total_steps:
+            raise ValueError(
+                f"WarmupCosineLR needs 0 <= warmup_steps < total_steps, got warmup_steps={warmup}, "
+                f"total_steps={total_steps}."
+            )
+        self.total_steps = total_steps
+
+    def _warmup(self, total_steps: int) -> int:
+        if isinstance(self.warmup_steps, float):
+            return round(self.warmup_steps * total_steps)
+        return self.warmup_steps
+
+    def _factor(self, step: int) -> float:
+        if self.total_steps is None:
+            # Only the initial LR is computed before CausalLM fills in total_steps.
+            if step:
+                raise RuntimeError("WarmupCosineLR(total_steps=None) stepped before set_total_steps() was called.")
+            return 0.0 if self.warmup_steps else 1.0
+        warmup = self._warmup(self.total_steps)
+        if step < warmup:
+            return step / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - 1 - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ``ValueError`` naming the field unless ``name`` is a LLaMA size or an existing folder.
+
+    Example:
+        >>> check_model_name("60m")
+    """
+    if name.lower() not in LLAMA_SIZES and not Path(name).expanduser().is_dir():
+        raise ValueError(
+            f"model.model_name={name!r} is neither a LLaMA size ({', '.join(LLAMA_SIZES)}) nor a local folder "
+            "holding a Hugging Face checkpoint (config.json + weights). No model hub is reached."
+        )
+
+
+def build_causal_lm(name: str, vocab_size: int | None = None, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """A causal LM from a LLaMA size name (:data:`~lightning_memopt.models.LLAMA_SIZES`) or a
+    local Hugging Face checkpoint folder (loaded offline with ``AutoModelForCausalLM``).
+
+    ``overrides`` are ``LlamaConfig`` fields for a size name, or ``from_pretrained`` keyword
+    arguments (config fields among them) for a folder.
+
+    Raises:
+        ValueError: for a name that is neither a known size nor an existing folder.
+
+    Example:
+        >>> build_causal_lm("tiny", vocab_size=257, overrides={"num_hidden_layers": 2}).config.num_hidden_layers
+        2
+    """
+    overrides = dict(overrides or {})
+    check_model_name(name)
+    if name.lower() in LLAMA_SIZES:
+        return build_llama(name, vocab_size, **overrides)
+    path = Path(name).expanduser()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if getattr(config, "model_type", None) in ("bert", "roberta", "electra", "xlm-roberta") and not config.is_decoder:
+        # An encoder checkpoint (e.g. MiniLM) trains as a causal LM only with a causal mask.
+        overrides.setdefault("is_decoder", True)
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **overrides)
+
+
+class CausalLM(LightningModule):
+    """Next-token prediction on batches of ``input_ids`` (as :class:`~lightning_memopt.data.TextDataModule`
+    gives), with the optimizer built from an ``OptimizerCallable``.
+
+    Args:
+        model_name: a LLaMA size (``"tiny"``, ``"60m"``, ``"130m"``, ``"350m"``, ``"1b"``,
+            ``"7b"``) or a local Hugging Face checkpoint folder.
+        optimizer: builds the optimizer from param groups, e.g. ``partial(APOLLOMini, lr=1e-2)``
+            or, in YAML, ``{class_path: APOLLOMini, init_args: {lr: 0.01}}``. It receives
+            :func:`~lightning_memopt.optim.apollo_param_groups` (the blocks' linear layers
+            flagged ``low_rank``, the rest not), which any torch optimizer accepts.
+        lr_scheduler: builds a scheduler from the optimizer (stepped every optimizer step),
+            e.g. :class:`WarmupCosineLR`.
+        vocab_size: the embedding size of a LLaMA built by size; by default the data module's
+            tokenizer size, else 32000.
+        model_overrides: ``LlamaConfig`` fields (``num_hidden_layers: 2``), or
+            ``from_pretrained`` arguments for a checkpoint folder.
+        target_modules: which modules get the low-rank update (see
+            :func:`~lightning_memopt.optim.apollo_param_groups`).
+
+    The model is built in ``configure_model`` (after the data module's tokenizer is known, and
+    inside the strategy's initialisation context, so a sharding strategy can build it on the
+    meta device); call ``configure_model()`` yourself to use ``lm.model`` outside a trainer.
+
+    Logged: ``train/loss``, ``train/tokens_per_s`` (all devices together), ``val/loss``,
+    ``val/ppl``, ``test/loss``.
+
+    Example:
+        >>> lm = CausalLM("tiny", vocab_size=257)
+        >>> lm.configure_model()
+        >>> lm(torch.zeros(1, 8, dtype=torch.long)).logits.shape
+        torch.Size([1, 8, 257])
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny",
+        optimizer: OptimizerCallable = APOLLOMini,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        vocab_size: int | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        target_modules: str | list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        check_model_name(model_name)  # fail before any data is prepared
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_name = model_name
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.vocab_size = vocab_size
+        self.model_overrides = model_overrides
+        self.target_modules = target_modules
+        self.model: nn.Module | None = None
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self._batch_start: float | None = None
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def _resolve_vocab_size(self) -> int | None:
+        if self.vocab_size is not None:
+            return self.vocab_size
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        num_tokens = getattr(datamodule, "num_tokens", None)
+        if num_tokens is not None:
+            return int(num_tokens)
+        return PAPER_VOCAB_SIZE if self.model_name.lower() in LLAMA_SIZES else None
+
+    def configure_model(self) -> None:
+        """Build the network (once; later calls do nothing)."""
+        if self.model is not None:
+            return
+        vocab_size = self._resolve_vocab_size()
+        self.model = build_causal_lm(self.model_name, vocab_size, self.model_overrides)
+        embeddings = self.model.get_input_embeddings().num_embeddings
+        if vocab_size is not None and embeddings < vocab_size:
+            raise ValueError(
+                f"model {self.model_name!r} embeds {embeddings} tokens but the tokenizer has {vocab_size}: "
+                f"tokenise with the model's own tokenizer (data.tokenizer={self.model_name}) or set model.vocab_size."
+            )
+        # Remember what was built, so load_from_checkpoint rebuilds the same shapes.
+        self.hparams["vocab_size"] = embeddings
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any):
+        if self.model is None:
+            raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
+        return self.model(input_ids=input_ids, labels=labels, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        return self(input_ids, labels=batch.get("labels", input_ids)).loss
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is None:
+            return
+        seconds = time.perf_counter() - self._batch_start
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.train_tokens += tokens
+        self.train_seconds += seconds
+        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Training throughput so far, all devices together (forward, backward and optimizer step;
+        data loading and validation excluded).
+
+        Example:
+            >>> CausalLM().tokens_per_second
+            0.0
+        """
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None and not self.trainer.sanity_checking:
+            self.log("val/ppl", torch.exp(loss.detach().float().clamp(max=50)), sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+        return loss
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Per-sequence mean negative log-likelihood (lower is better)."""
+        input_ids = batch["input_ids"]
+        logits = self(input_ids).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        return nll.mean(dim=1)
+
+    # -- optimizer ---------------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]] | list[nn.Parameter]:
+        """What ``optimizer`` is called with: low-rank and full-rank groups, or the trainable
+        parameters when the model has no linear layer to make low-rank.
+
+        Example:
+            >>> lm = CausalLM("tiny", vocab_size=257); lm.configure_model()
+            >>> [g["low_rank"] for g in lm.param_groups()]
+            [True, False]
+        """
+        if self.model is None:
+            raise RuntimeError("CausalLM.param_groups: the model is not built yet; call configure_model() first.")
+        try:
+            return apollo_param_groups(self.model, self.target_modules)
+        except ValueError:
+            if self.target_modules is not None:
+                raise
+            return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        if isinstance(self.optimizer, torch.optim.Optimizer) or not callable(self.optimizer):
+            raise TypeError(
+                f"CausalLM(optimizer=...) takes a callable that builds the optimizer from parameters "
+                f"(e.g. functools.partial(APOLLOMini, lr=1e-2), or class_path/init_args in YAML), "
+                f"got {type(self.optimizer).__name__}."
+            )
+        optimizer = self.optimizer(self.param_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

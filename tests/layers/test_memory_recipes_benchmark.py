@@ -1,0 +1,28 @@
+"""benchmarks/memory_recipes.py runs end to end (--smoke), each recipe in its own process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_memory_recipes_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("memory_recipes", ROOT / "benchmarks" / "memory_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--smoke", "--recipes", "adamw,int8,all", "--out", str(tmp_path)])
+
+    adamw, int8, full = report["rows"]
+    assert int8["not_available"] and full["recipe"] == "all"
+    # Layer-wise: never more than the largest parameter's gradient alive at once.
+    assert full["grads_peak_bytes"] < adamw["grads_peak_bytes"] == adamw["params_bytes"]
+    assert full["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
+    assert full["activation_bytes"] < adamw["activation_bytes"]  # checkpointing
+    assert full["params_bytes"] < full["tensor_peak_bytes"] < adamw["tensor_peak_bytes"]
+    assert full["process_peak_bytes"] > full["training_peak_bytes"] > 0 and full["tokens_per_s"] > 0
+    assert set(report["target"]) >= {"peak_ratio", "tensor_peak_ratio", "speed_ratio", "cpu_speed_ratio", "met"}
+    assert json.loads((tmp_path / "memory_recipes.json").read_text())["rows"][0]["recipe"] == "adamw"
+    assert "| + INT8 weights | n/a" in (tmp_path / "memory_recipes.md").read_text()
