@@ -336,7 +336,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [
                 "",
                 "Targets: "
-                + "; ".join(f"{k}: {v['value']:.2f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()),
+                + "; ".join(f"{k}: {v['value']:.3f} ({'met' if v['met'] else 'MISSED'})" for k, v in checks.items()),
             ]
         lines.append("")
     return "\n".join(lines)

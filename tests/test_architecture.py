@@ -21,3 +21,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = 'pip install -e ".[dev]" && python -m pytest -q'
     assert command in readme
     assert command in ci
+
+
+def test_ruff_is_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr

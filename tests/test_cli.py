@@ -77,24 +77,26 @@ def test_errors_name_the_field(capsys) -> None:
 
 def test_automatic_optimizer_key_is_refused_with_the_fix(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "--optimizer=AdamW", "--optimizer.lr=0.001"])
+        run_cli(["fit", "--optimizer=torch.optim.AdamW", "--optimizer.lr=0.001"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "top-level `optimizer:`" in err and "train nothing" in err
     assert "model.init_args.optimizer" in err and "class_path: torch.optim.AdamW" in err and "lr: 0.001" in err
     with pytest.raises(SystemExit):
-        run_cli(["fit", "--lr_scheduler=ConstantLR"])
+        run_cli(["fit", "--lr_scheduler=torch.optim.lr_scheduler.ConstantLR"])
     assert "model.init_args.lr_scheduler" in capsys.readouterr().err
 
 
 def test_automatic_optimizer_key_refused_under_fsdp_even_for_a_plain_model(capsys) -> None:
     with pytest.raises(SystemExit):
-        run_cli([*BORING, "--trainer.strategy=apollo_fsdp", "--optimizer=SGD", "--optimizer.lr=0.1"], run=False)
+        run_cli(
+            [*BORING, "--trainer.strategy=apollo_fsdp", "--optimizer=torch.optim.SGD", "--optimizer.lr=0.1"], run=False
+        )
     assert "train nothing" in capsys.readouterr().err
 
 
 def test_automatic_optimizer_key_works_for_a_plain_unsharded_model() -> None:
-    cli = run_cli([*BORING, "--optimizer=SGD", "--optimizer.lr=0.1", "--trainer.callbacks=[]"], run=False)
+    cli = run_cli([*BORING, "--optimizer=torch.optim.SGD", "--optimizer.lr=0.1", "--trainer.callbacks=[]"], run=False)
     assert type(cli.model.configure_optimizers()).__name__ == "SGD"
 
 
@@ -139,6 +141,23 @@ def test_fit_ends_with_the_summary(capsys) -> None:
     out = capsys.readouterr().out
     assert "fit finished" in out and "tokens/s" in out and "train " in out
     assert "optimizer state" in out and "fp32 AdamW" in out  # from the memory profiler's report
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_the_other_subcommands(subcommand: str) -> None:
+    cli = run_cli(
+        [
+            subcommand,
+            "--trainer.fast_dev_run=1",
+            "--data.init_args.max_chars=60000",
+            "--data.init_args.seq_len=64",
+            "--data.init_args.batch_size=4",
+        ]
+    )
+    if subcommand == "predict":
+        assert cli.trainer.predict_loop.predictions[0].shape == (4,)
+    else:
+        assert f"{'val' if subcommand == 'validate' else 'test'}/loss" in cli.trainer.callback_metrics
 
 
 def _env() -> dict[str, str]:

@@ -51,9 +51,7 @@ def issubclass_of_exception(obj: object) -> bool:
     return inspect.isclass(obj) and issubclass(obj, BaseException)
 
 
-@pytest.mark.parametrize(
-    "module_name", [m for m in _modules() if m.startswith(DOCTESTED_PACKAGES)]
-)
+@pytest.mark.parametrize("module_name", [m for m in _modules() if m.startswith(DOCTESTED_PACKAGES)])
 def test_core_examples_run(module_name: str) -> None:
     module = importlib.import_module(module_name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -99,7 +99,8 @@ def test_no_logger_unwritable_path_and_accumulation(tmp_path: Path) -> None:
 
 def test_yaml_fragment_builds_the_callback() -> None:
     fragment = yaml.safe_load((ROOT / "callbacks" / "memory_profiler.yaml").read_text())
-    (entry,) = fragment["trainer"]["callbacks"]
+    # "callbacks+:" appends to the callbacks of the config it is composed onto
+    (entry,) = fragment["trainer"]["callbacks+"]
     assert entry["class_path"] == "lightning_memopt.callbacks.MemoryProfiler"
     documented = set(entry["init_args"])
     accepted = set(inspect.signature(MemoryProfiler).parameters)

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,27 +36,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..optim.sharding import is_dtensor
 from .baseline import CATEGORIES, AdamWBaseline, CategorySaving
 
 # How deep to look into the objects a parameter subclass carries (QuantState -> state2 -> tensors).
 _METADATA_DEPTH = 3
 # How deep to look into an optimizer's per-parameter state (dicts of tensors, lists of dicts ...).
 _STATE_DEPTH = 4
-
-
-def is_dtensor(tensor: Any) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
-
-    Looked up lazily: importing ``torch.distributed.tensor`` costs about a second, and no
-    DTensor can exist before something else has imported it.
-
-    Example:
-        >>> is_dtensor(torch.zeros(1))
-        False
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
-    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -42,6 +42,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 from .projection import gaussian_projection
 from .sharding import all_ranks_finite, apollo_step_sharded, is_dtensor, zeros_like_layout
+from .sharding import local_view as _local
 
 SCALE_TYPES = ("channel", "tensor")
 # The projected gradients R of a group's matrices, and the gradients' norms the limiter needs
@@ -61,12 +62,6 @@ _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm")
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
