@@ -56,21 +56,19 @@ SHAPES: dict[str, dict[str, int]] = {
 
 
 def build(shape: dict[str, int]) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lightning_memopt.models import build_llama
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    # The package's LLaMA builder (untied head, no KV cache), resized to this benchmark's shape.
+    return build_llama(
+        "tiny",
         vocab_size=shape["vocab"],
         hidden_size=shape["hidden"],
         intermediate_size=shape["intermediate"],
         num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
         max_position_embeddings=shape["seq"],
-        tie_word_embeddings=False,
-        use_cache=False,
     )
-    return LlamaForCausalLM(config)
 
 
 class TimedTracker:
