@@ -155,7 +155,14 @@ class Blocks(nn.Module):
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("apollo", "rank=8"), ("apollo_mini", None), ("adamw", None), ("adamw8bit", None), ("apollo", "rank=64")],
+    [
+        ("apollo", "rank=8"),
+        ("apollo_mini", None),
+        ("apollo_mini", "adamw_8bit=true"),
+        ("adamw", None),
+        ("adamw8bit", None),
+        ("apollo", "rank=64"),
+    ],
 )
 def test_estimate_equals_a_real_step(name: str, options: str | None) -> None:
     torch.manual_seed(0)

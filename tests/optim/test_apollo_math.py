@@ -58,8 +58,15 @@ def reference_apollo(
     scale=1.0,
     update_proj_gap=200,
     norm_growth_limit=1.01,
+    projection_dtype=None,
 ):
-    """APOLLO as the paper writes it, one matrix at a time, in float64."""
+    """APOLLO as the paper writes it, one matrix at a time, in float64. With
+    ``projection_dtype``, ``G`` and ``P`` are rounded to it for the projection, and so is ``R``
+    (what a matmul in that dtype returns)."""
+
+    def rounded(t):
+        return t if projection_dtype is None else t.to(projection_dtype).double()
+
     beta1, beta2 = betas
     out = []
     for i, w in enumerate(weights):
@@ -72,11 +79,11 @@ def reference_apollo(
             g = step_grads[i].double()
             window = (t - 1) // update_proj_gap
             if m >= n:
-                p = gaussian_projection(seeds[i], window, r, n, rank=r, dtype=torch.float64)
-                proj_grad, channel_dim = g @ p.T, 1  # m x r, one channel per row
+                p = rounded(gaussian_projection(seeds[i], window, r, n, rank=r, dtype=torch.float64))
+                proj_grad, channel_dim = rounded(rounded(g) @ p.T), 1  # m x r, one channel per row
             else:
-                p = gaussian_projection(seeds[i], window, m, r, rank=r, dtype=torch.float64)
-                proj_grad, channel_dim = p.T @ g, 0  # r x n, one channel per column
+                p = rounded(gaussian_projection(seeds[i], window, m, r, rank=r, dtype=torch.float64))
+                proj_grad, channel_dim = rounded(p.T @ rounded(g)), 0  # r x n, one channel per column
             if exp_avg is None:
                 exp_avg, exp_avg_sq = torch.zeros_like(proj_grad), torch.zeros_like(proj_grad)
             exp_avg = beta1 * exp_avg + (1 - beta1) * proj_grad
@@ -130,6 +137,30 @@ def test_several_steps_match_reference(scale_type, limiter, weight_decay):
     params, optimizer = run_optimizer(APOLLO, weights, grads, **options)
     expected = reference_apollo(weights, grads, seeds_of(optimizer, params), **options)
     assert_matches_reference(params, expected)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_bf16_projection_matches_reference_with_bf16_rounding(scale_type):
+    # G, P and R rounded to bf16 for the projection only; moments, factors and weights stay
+    # float32. The kernel accumulates in float32 before rounding R, so an element of R can land
+    # one bf16 step away from the float64 reference's: hence the looser tolerance.
+    options = dict(lr=0.05, rank=3, scale_type=scale_type, scale=4.0, update_proj_gap=2, betas=(0.8, 0.95))
+    weights, grads = make_problem(steps=4, growth=1.2)
+    params, optimizer = run_optimizer(APOLLO, weights, grads, projection_dtype="bfloat16", **options)
+    seeds = seeds_of(optimizer, params)
+    expected = reference_apollo(weights, grads, seeds, projection_dtype=torch.bfloat16, **options)
+    assert_matches_reference(params, expected, rtol=2e-3, atol=1e-4)
+    full_precision = reference_apollo(weights, grads, seeds, **options)
+    assert any(not torch.allclose(p.detach().double(), e, rtol=1e-6, atol=1e-7) for p, e in zip(params, full_precision))
+    state = optimizer.state[params[0]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert {proj.dtype for _, proj in optimizer._projection_cache.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("value", ["int8", "bogus", torch.int32, 3])
+def test_invalid_projection_dtype_raises(value):
+    with pytest.raises(ValueError, match="projection_dtype"):
+        APOLLO([torch.nn.Parameter(torch.zeros(4, 4))], projection_dtype=value)
 
 
 def test_one_step_matches_reference_for_both_sides():

@@ -17,6 +17,8 @@ RESULT_KEYS = {
     "step_ms_min",
     "step_ms_all",
     "ratio_to_adamw_fused",
+    "step_cpu_ms_median",
+    "cpu_ratio_to_adamw_fused",
     "state_bytes",
     "state_ratio_to_adamw_fused",
     "extra_bytes",
@@ -40,7 +42,7 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
     assert {"cpu", "threads", "torch", "python", "device"} <= set(report["machine"])
     (record,) = report["records"]
     assert record["shape"] == "smoke" and record["repeats"] == 2 and record["warmup"] == 1
-    assert record["config"] == bench.SHAPES["smoke"]
+    assert record["config"] == {**bench.LLAMA_SIZES["tiny"], **bench.SIZES["smoke"][1]}
     rows = {r["name"]: r for r in record["results"]}
     assert record["results"][0]["name"] == "adamw_fused"
     assert {"adamw_fused", "adamw_foreach", "apollo_r256", "apollo_r128", "apollo_mini"} <= set(rows)
@@ -50,11 +52,15 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
         assert row["ratio_to_adamw_fused"] == pytest.approx(
             row["step_ms_median"] / rows["adamw_fused"]["step_ms_median"]
         )
+        assert row["cpu_ratio_to_adamw_fused"] == pytest.approx(
+            row["step_cpu_ms_median"] / rows["adamw_fused"]["step_cpu_ms_median"]
+        )
     assert rows["adamw_fused"]["ratio_to_adamw_fused"] == 1.0
 
     # State bytes, exactly: AdamW keeps 2 floats per weight (+ a step counter per tensor);
     # APOLLO-Mini keeps 2 x max(m, n) floats per low-rank matrix (+ step, seed, limiter norm).
-    shapes = bench.llama_param_shapes(**bench.SHAPES["smoke"])
+    shapes = bench.llama_param_shapes("smoke")
+    assert len(shapes["low_rank"]) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks
     numel = lambda shape: shape[0] * (shape[1] if len(shape) > 1 else 1)  # noqa: E731
     all_shapes = shapes["low_rank"] + shapes["rest"]
     assert rows["adamw_fused"]["state_bytes"] == sum(2 * numel(s) * 4 + 4 for s in all_shapes)

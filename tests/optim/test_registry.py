@@ -92,6 +92,9 @@ def test_parse_options_converts_types():
     assert parsed == {"lr": 1e-3, "norm_growth_limit": None, "check_finite": False, "cache_projection": True}
     assert isinstance(parse_options("apollo", "scale=2")["scale"], float)
     assert parse_options("apollo", "norm_growth_limit=1.05") == {"norm_growth_limit": 1.05}
+    assert parse_options("apollo", "projection_dtype=bfloat16") == {"projection_dtype": "bfloat16"}
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert create_optimizer("apollo", model, "rank=4,projection_dtype=bf16").projection_dtype == torch.bfloat16
     assert parse_options("apollo", None) == {} and parse_options("apollo", "") == {}
     # torch's AdamW annotates lr as `float | Tensor` and fused as `bool | None`
     assert parse_options("adamw", "lr=0.01,fused=true,foreach=none") == {"lr": 0.01, "fused": True, "foreach": None}

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..optim import APOLLO, apollo_param_groups, get_optimizer_spec, parse_options
+from ..optim.apollo import MIN_8BIT_SIZE
 from ..optim.param_groups import TargetModules
 from .accounting import MemoryBreakdown, ParamMemory, breakdown, dtype_name, is_dtensor, logical_numel
 
@@ -204,6 +205,10 @@ def estimate(
             details.append(
                 _apollo(name, param, shape, itemsize, settings["rank"], settings.get("cache_projection", True))
             )
+        elif family == "apollo" and settings.get("adamw_8bit", False) and param.numel() >= MIN_8BIT_SIZE:
+            # APOLLO's own 8-bit AdamW: bitsandbytes' layout, plus a 4-byte step tensor.
+            entry = _adamw8bit(name, param, shape, MIN_8BIT_SIZE, False)
+            details.append(dataclasses.replace(entry, state_bytes=entry.state_bytes + _scalar_step_bytes()))
         elif family in ("apollo", "adamw"):
             details.append(_adamw(name, param, shape, itemsize, bool(settings.get("amsgrad", False))))
         else:

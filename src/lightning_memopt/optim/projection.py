@@ -66,3 +66,24 @@ def gaussian_projection(
     matrix = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
     matrix.mul_(1.0 / math.sqrt(r))
     return matrix.to(device=device, dtype=dtype)
+
+
+def project_gradient(grad: torch.Tensor, proj: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
+    """APOLLO's projected gradient: ``R = G Pᵀ`` when the weight has at least as many rows as
+    columns (``tall``; ``P`` is ``r x n``), else ``R = Pᵀ G`` (``P`` is ``m x r``). ``tall``
+    defaults to ``grad``'s own shape; a shard of a matrix passes the whole matrix's.
+
+    The product is taken in ``proj``'s dtype (the optimizer's ``projection_dtype``), with
+    float32 accumulation as every matmul kernel does, and ``R`` is returned in ``grad``'s
+    dtype, the dtype of the Adam moments.
+
+    Example:
+        >>> g, p = torch.randn(8, 4), torch.randn(2, 4)
+        >>> torch.equal(project_gradient(g, p), g @ p.T)
+        True
+    """
+    work = grad if grad.dtype == proj.dtype else grad.to(proj.dtype)
+    if tall is None:
+        tall = grad.shape[0] >= grad.shape[1]
+    projected = work @ proj.T if tall else proj.T @ work
+    return projected if projected.dtype == grad.dtype else projected.to(grad.dtype)

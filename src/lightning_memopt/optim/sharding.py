@@ -47,10 +47,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from .projection import project_gradient
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
     from .apollo import APOLLO
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -63,6 +68,8 @@ def is_dtensor(tensor: Any) -> bool:
         >>> is_dtensor(torch.zeros(2))
         False
     """
+    if type(tensor) in _PLAIN_TENSOR_TYPES:  # the common case, checked first: the step calls this often
+        return False
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     return dtensor is not None and isinstance(tensor, dtensor)
 
@@ -292,14 +299,15 @@ def apollo_step_sharded(optimizer: APOLLO, group: dict[str, Any], params: Sequen
         proj = optimizer._projection(p, state, int(state["step"]) // gap, rank)
         grad = local_view(p.grad)
         if m >= n:  # R[a:b] = G[a:b] Pᵀ: local.
-            r_local = grad @ proj.T
+            r_local = project_gradient(grad, proj, tall=True)
         elif layout.group is None:
-            r_local = proj[layout.rows].T @ grad
+            r_local = project_gradient(grad, proj[layout.rows], tall=False)
         else:  # R = sum over ranks of P[a:b]ᵀ G[a:b]: add up and keep this rank's columns.
+            # (In the projection dtype: a bf16 projection also halves the reduce-scatter.)
             chunk, _, _ = layout.column_chunk(n)
-            partial_t = torch.zeros(chunk * layout.world_size, rank, dtype=grad.dtype, device=grad.device)
-            torch.mm(grad.T, proj[layout.rows], out=partial_t[:n])
-            r_local = _reduce_scatter_columns(layout, partial_t, n)
+            partial_t = torch.zeros(chunk * layout.world_size, rank, dtype=proj.dtype, device=grad.device)
+            torch.mm(grad.T.to(proj.dtype), proj[layout.rows], out=partial_t[:n])
+            r_local = _reduce_scatter_columns(layout, partial_t, n).to(grad.dtype)
         layouts.append(layout)
         channel_dims.append(1 if m >= n else 0)
         grads.append(grad)
