@@ -42,14 +42,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lightning_memopt.models.llama import LLAMA_SIZES, PAPER_VOCAB_SIZE
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STATE_RATIO_TARGET, MINI_LOW_RANK_TARGET = 0.55, 0.02
 OPTIMIZERS = {"apollo": "APOLLO", "apollo_mini": "APOLLO-Mini", "adamw": "AdamW"}
 WORLD_SIZES = (1, 2)
 
+
+def paper_shape(size: str, **run: int) -> dict[str, int]:
+    """A LLaMA size of :mod:`lightning_memopt.models` (the APOLLO paper's configurations) with the
+    paper's 32000-token vocabulary, plus this benchmark's ``seq`` and ``batch``."""
+    config = LLAMA_SIZES[size]
+    return {
+        "hidden": config["hidden_size"],
+        "intermediate": config["intermediate_size"],
+        "layers": config["num_hidden_layers"],
+        "heads": config["num_attention_heads"],
+        "vocab": PAPER_VOCAB_SIZE,
+        **run,
+    }
+
+
 SHAPES: dict[str, dict[str, int]] = {
-    # The APOLLO paper's LLaMA 60M (GaLore config), 32000-token vocabulary.
-    "60m": {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "vocab": 32000, "seq": 128, "batch": 4},
+    "60m": paper_shape("60m", seq=128, batch=4),
     "smoke": {"hidden": 64, "intermediate": 160, "layers": 2, "heads": 2, "vocab": 128, "seq": 16, "batch": 4},
 }
 STEPS = {"60m": (1, 3), "smoke": (1, 2)}  # (warm-up, timed) steps

@@ -14,7 +14,15 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
 def test_there_are_examples() -> None:
-    assert {"pretrain_apollo", "memory_comparison", "qlora_apollo"} <= {p.stem for p in EXAMPLES}
+    expected = {
+        "pretrain_apollo",
+        "hf_trainer_apollo",
+        "qlora_apollo",
+        "early_exit",
+        "moe_upcycling",
+        "memory_comparison",
+    }
+    assert expected <= {p.stem for p in EXAMPLES}
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)

@@ -42,7 +42,15 @@ DEFAULT_CLASSES = (CausalLM, TextDataModule, WarmupCosineLR, APOLLO, APOLLOMini)
 _SHORT_NAME_PROVIDERS = (
     (
         "lightning_memopt.callbacks",
-        ("MemoryProfiler", "LayerwiseUpdates", "ActivationCheckpointing", "ActivationOffloading"),
+        (
+            "MemoryProfiler",
+            "LayerwiseUpdates",
+            "ActivationCheckpointing",
+            "ActivationOffloading",
+            "UpcycleToMoE",
+            "EarlyExit",
+            "Int8Weights",
+        ),
     ),
     ("lightning_memopt.strategies", ("ApolloFSDPStrategy",)),
 )

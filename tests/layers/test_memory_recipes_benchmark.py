@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,11 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_memory_recipes_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("memory_recipes", ROOT / "benchmarks" / "memory_recipes.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     report = module.main(["--smoke", "--recipes", "adamw,int8,all", "--out", str(tmp_path)])
 
     adamw, int8, full = report["rows"]
-    assert int8["not_available"] and full["recipe"] == "all"
+    assert (int8["recipe"], full["recipe"]) == ("int8", "all")
+    assert int8["params_bytes"] < adamw["params_bytes"]  # the blocks' weights: 1 byte + scales
     # Layer-wise: never more than the largest parameter's gradient alive at once.
     assert full["grads_peak_bytes"] < adamw["grads_peak_bytes"] == adamw["params_bytes"]
     assert full["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
@@ -25,4 +28,4 @@ def test_memory_recipes_smoke(tmp_path: Path) -> None:
     assert full["process_peak_bytes"] > full["training_peak_bytes"] > 0 and full["tokens_per_s"] > 0
     assert set(report["target"]) >= {"peak_ratio", "tensor_peak_ratio", "speed_ratio", "cpu_speed_ratio", "met"}
     assert json.loads((tmp_path / "memory_recipes.json").read_text())["rows"][0]["recipe"] == "adamw"
-    assert "| + INT8 weights | n/a" in (tmp_path / "memory_recipes.md").read_text()
+    assert "| + INT8 weights |" in (tmp_path / "memory_recipes.md").read_text()

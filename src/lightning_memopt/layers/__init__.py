@@ -1,4 +1,5 @@
-"""Model surgery and layers in PyTorch: transformer-block detection, activation checkpointing and offloading.
+"""Model surgery and layers in PyTorch: transformer-block detection, activation checkpointing and
+offloading, mixture-of-experts layers and sparse upcycling, early-exit heads.
 
 Example:
     >>> import torch
@@ -10,13 +11,53 @@ Example:
 
 from .blocks import find_transformer_blocks, transformer_block_classes
 from .checkpointing import apply_activation_checkpointing, is_activation_checkpointed, remove_activation_checkpointing
+from .chunked_loss import chunked_cross_entropy
+from .early_exit import (
+    EarlyExits,
+    add_early_exits,
+    early_exit_forward,
+    early_exit_generate,
+    early_exit_loss,
+    get_early_exits,
+    layerskip_weights,
+    remove_early_exits,
+)
+from .moe import (
+    MoELayer,
+    active_parameters,
+    moe_aux_loss,
+    moe_expert_loads,
+    moe_layers,
+    moe_modality,
+    moe_z_loss,
+    set_moe_modality,
+    upcycle_to_moe,
+)
 from .offload import OffloadActivations
 
 __all__ = [
+    "EarlyExits",
+    "MoELayer",
     "OffloadActivations",
+    "active_parameters",
+    "add_early_exits",
     "apply_activation_checkpointing",
+    "chunked_cross_entropy",
+    "early_exit_forward",
+    "early_exit_generate",
+    "early_exit_loss",
     "find_transformer_blocks",
+    "get_early_exits",
     "is_activation_checkpointed",
+    "layerskip_weights",
+    "moe_aux_loss",
+    "moe_expert_loads",
+    "moe_layers",
+    "moe_modality",
+    "moe_z_loss",
     "remove_activation_checkpointing",
+    "remove_early_exits",
+    "set_moe_modality",
     "transformer_block_classes",
+    "upcycle_to_moe",
 ]

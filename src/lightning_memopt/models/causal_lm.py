@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_memopt.layers.chunked_loss import chunked_cross_entropy
 from lightning_memopt.optim import APOLLOMini, apollo_param_groups
 
 from .llama import LLAMA_SIZES, PAPER_VOCAB_SIZE, build_llama
+
+# Decoders whose logits are ``lm_head(last_hidden_state)`` (no extra transform, scaling or
+# soft-capping): the ones CausalLM(loss_chunk_size=...) can compute chunk by chunk.
+CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class WarmupCosineLR(LambdaLR):
@@ -167,6 +173,12 @@ class CausalLM(LightningModule):
             ``from_pretrained`` arguments for a checkpoint folder.
         target_modules: which modules get the low-rank update (see
             :func:`~lightning_memopt.optim.apollo_param_groups`).
+        loss_chunk_size: compute the LM head and the loss this many tokens at a time
+            (:func:`~lightning_memopt.layers.chunked_cross_entropy`), so that the
+            ``batch x seq x vocab`` logits never exist at once: at a 32000-token vocabulary
+            they are a small model's largest activation. ``None``: the model's own loss. For
+            LLaMA-family decoders (``model_type`` llama, mistral, qwen2, qwen3), whose logits are
+            the LM head applied to the last hidden state; not under FSDP (the head is sharded).
 
     The model is built in ``configure_model`` (after the data module's tokenizer is known, and
     inside the strategy's initialisation context, so a sharding strategy can build it on the
@@ -174,6 +186,10 @@ class CausalLM(LightningModule):
 
     Logged: ``train/loss``, ``train/tokens_per_s`` (all devices together), ``val/loss``,
     ``val/ppl``, ``test/loss``.
+
+    ``loss_terms`` (name -> zero-argument callable returning a scalar tensor) are added to the
+    training loss after ``train/loss`` is logged, so ``train/loss`` stays the language-model
+    loss; callbacks register them (e.g. ``UpcycleToMoE``'s load-balancing loss).
 
     Example:
         >>> lm = CausalLM("tiny", vocab_size=257)
@@ -190,9 +206,16 @@ class CausalLM(LightningModule):
         vocab_size: int | None = None,
         model_overrides: dict[str, Any] | None = None,
         target_modules: str | list[str] | None = None,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         check_model_name(model_name)  # fail before any data is prepared
+        if loss_chunk_size is not None and (
+            isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
+        ):
+            raise ValueError(
+                f"model.loss_chunk_size={loss_chunk_size!r} must be a positive number of tokens (e.g. 1024) or null."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model_name
         self.optimizer = optimizer
@@ -200,7 +223,9 @@ class CausalLM(LightningModule):
         self.vocab_size = vocab_size
         self.model_overrides = model_overrides
         self.target_modules = target_modules
+        self.loss_chunk_size = loss_chunk_size
         self.model: nn.Module | None = None
+        self.loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._batch_start: float | None = None
@@ -230,6 +255,14 @@ class CausalLM(LightningModule):
             )
         # Remember what was built, so load_from_checkpoint rebuilds the same shapes.
         self.hparams["vocab_size"] = embeddings
+        if self.loss_chunk_size is not None:
+            model_type = getattr(self.model.config, "model_type", None)
+            if model_type not in CHUNKED_LOSS_MODEL_TYPES:
+                raise ValueError(
+                    f"model.loss_chunk_size={self.loss_chunk_size} needs a decoder whose logits are its LM head "
+                    f"applied to the last hidden state (model_type {', '.join(CHUNKED_LOSS_MODEL_TYPES)}); "
+                    f"{self.model_name!r} is {model_type!r}. Set model.loss_chunk_size: null."
+                )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any):
         if self.model is None:
@@ -238,13 +271,27 @@ class CausalLM(LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids = batch["input_ids"]
-        return self(input_ids, labels=batch.get("labels", input_ids)).loss
+        labels = batch.get("labels", input_ids)
+        if self.loss_chunk_size is None:
+            return self(input_ids, labels=labels).loss
+        if self.model is None:
+            raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
+        head = self.model.get_output_embeddings()
+        if callable(getattr(head.weight, "to_local", None)):
+            raise ValueError(
+                "model.loss_chunk_size cannot be used under FSDP (apollo_fsdp): the LM head is sharded and only the "
+                "model's own forward gathers it. Set model.loss_chunk_size: null."
+            )
+        hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+        return chunked_cross_entropy(hidden, head.weight, labels, self.loss_chunk_size, bias=head.bias)
 
     # -- steps -------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        for term in self.loss_terms.values():
+            loss = loss + term()
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

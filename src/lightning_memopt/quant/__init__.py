@@ -1,1 +1,31 @@
-"""quant"""
+"""Weight quantization for training: INT8 weights trained directly with stochastic rounding.
+
+Example:
+    >>> import torch
+    >>> from lightning_memopt.quant import quantize_linear_weights
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    >>> quantize_linear_weights(model, "all-linear", group_size=32)
+    ['0']
+"""
+
+from .int8 import (
+    DEFAULT_GROUP_SIZE,
+    Int8Weight,
+    dequantize_int8,
+    dequantize_linear_weights,
+    is_int8_weight,
+    quantize_int8,
+    quantize_linear_weights,
+    stochastic_round,
+)
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "Int8Weight",
+    "dequantize_int8",
+    "dequantize_linear_weights",
+    "is_int8_weight",
+    "quantize_int8",
+    "quantize_linear_weights",
+    "stochastic_round",
+]

@@ -1,0 +1,104 @@
+"""``Int8Weights``: train a LightningModule's linear weights in INT8 with stochastic rounding.
+
+The callback converts the selected ``nn.Linear`` weights to
+:class:`lightning_memopt.quant.Int8Weight` (1 byte per weight plus one fp32 scale per group)
+after the model exists and before ``configure_optimizers`` runs, so the optimizer holds the
+INT8 weights. Lightning's order in ``fit`` is: callbacks' ``setup``, the module's
+``configure_model``, restoring a checkpoint's weights, then the strategy's setup (which calls
+``configure_optimizers``). So in ``setup`` the callback wraps the module's ``configure_model``
+(for this instance only, undone in ``teardown``): the model is built as usual, then converted.
+A module that builds its layers in ``__init__`` is converted at the same moment.
+
+- **Optimizers**: any torch optimizer, :class:`~lightning_memopt.optim.APOLLO` / APOLLO-Mini, and
+  :class:`~lightning_memopt.callbacks.LayerwiseUpdates` work unchanged: each in-place update of
+  a weight is requantized with stochastic rounding.
+- **Checkpoints** hold the INT8 data, the scales and the rounding state (1 byte per weight on
+  disk too); resuming with the callback continues exactly, and ``torch.load(...,
+  weights_only=True)`` loads them once ``lightning_memopt`` is imported.
+- **Strategies**: one device only (``strategy="auto"`` with ``devices=1``). Refused, with a
+  message: FSDP / FSDP2 / ``apollo_fsdp`` / DeepSpeed (they shard or flatten the weights, which
+  the INT8 tensor does not support), and DDP (untested: its parameter broadcast and gradient
+  buckets are not checked with INT8 weights).
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_memopt.callbacks import Int8Weights
+    >>> trainer = L.Trainer(callbacks=[Int8Weights(group_size=128)], accelerator="cpu", logger=False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from ..optim.param_groups import TargetModules
+from ..quant import DEFAULT_GROUP_SIZE, quantize_linear_weights
+from ..quant.int8 import check_group_size
+
+_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy",)
+
+
+class Int8Weights(Callback):
+    """Store and train the model's linear weights as INT8 with stochastic rounding (no fp32 copy).
+
+    Args:
+        target_modules: which ``nn.Linear`` layers, as in
+            :func:`~lightning_memopt.optim.select_low_rank_modules`: ``None`` (default) for the
+            linear layers of the repeated blocks (a transformer's attention and MLP; embeddings
+            and the LM head stay in float), ``"all-linear"``, a regex, or a list of names.
+        group_size: input features that share one fp32 scale (default 128: about 1.03 bytes
+            per weight instead of 4).
+        seed: base seed of the stochastic rounding; ``None``: ``torch.initial_seed()`` (what
+            ``seed_everything`` sets).
+
+    Raises:
+        ValueError: for a bad ``group_size`` (at construction), a strategy other than a single
+            device (at ``setup``), or ``target_modules`` that select nothing or a non-linear
+            module (when the model is built).
+
+    Example:
+        >>> import lightning as L
+        >>> from lightning_memopt.callbacks import LayerwiseUpdates
+        >>> trainer = L.Trainer(callbacks=[Int8Weights(), LayerwiseUpdates()], accelerator="cpu", logger=False)
+    """
+
+    def __init__(
+        self, target_modules: TargetModules = None, group_size: int = DEFAULT_GROUP_SIZE, seed: int | None = None
+    ) -> None:
+        self.target_modules = target_modules
+        self.group_size = check_group_size(group_size)
+        self.seed = seed
+        #: Names of the modules converted in the last ``fit`` / ``validate`` / ...
+        self.converted: list[str] = []
+        self._patched: list[pl.LightningModule] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if name not in _SUPPORTED_STRATEGIES:
+            raise ValueError(
+                f"Int8Weights: strategy {name} is not supported. INT8 weight training runs on a single device "
+                "(strategy='auto', devices=1): FSDP, FSDP2 (apollo_fsdp) and DeepSpeed shard or flatten the "
+                "weights, which the INT8 tensor does not support, and DDP is untested with it. Remove the "
+                "callback or train on one device."
+            )
+        if "configure_model" in vars(pl_module):
+            return  # already wrapped (a second setup without teardown)
+        original = pl_module.configure_model
+
+        def configure_model_then_quantize() -> None:
+            original()
+            self.converted = quantize_linear_weights(pl_module, self.target_modules, self.group_size, self.seed)
+
+        pl_module.configure_model = configure_model_then_quantize  # type: ignore[method-assign]
+        self._patched.append(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for module in self._patched:
+            vars(module).pop("configure_model", None)
+        self._patched = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to save: the weights carry their scales and rounding state themselves."""
+        return {}

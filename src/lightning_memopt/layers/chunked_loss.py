@@ -1,0 +1,139 @@
+"""Causal-LM cross-entropy without the full logits: the LM head and the loss, chunk by chunk.
+
+A causal LM's logits are ``batch x seq x vocab`` floats: at a 32000-token vocabulary they are
+the largest activation of a small model (8 x 256 tokens: 250 MiB in float32, and the loss's
+backward makes two more of that size). :func:`chunked_cross_entropy` applies the LM head and
+the cross-entropy to ``chunk_size`` tokens at a time in a custom autograd function: forward
+keeps only each token's log-sum-exp; backward recomputes one chunk's logits at a time, turns
+them into the softmax gradient in place and accumulates the head's weight gradient into one
+buffer (``addmm_``). The peak holds one chunk's logits instead of three full logits tensors,
+for one extra LM-head matmul per step.
+
+The result equals ``F.cross_entropy(hidden @ weight.T, labels)`` up to float rounding (the
+softmax is taken in float32 whatever the input dtype).
+
+Example:
+    >>> import torch
+    >>> hidden, head = torch.randn(2, 16, 8), torch.nn.Linear(8, 50, bias=False)
+    >>> labels = torch.randint(0, 50, (2, 16))
+    >>> loss = chunked_cross_entropy(hidden, head.weight, labels, chunk_size=5)
+    >>> full = torch.nn.functional.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    >>> torch.allclose(loss, full, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["chunked_cross_entropy"]
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` (rows of ``hidden`` are tokens),
+    with logits materialised one chunk of rows at a time in forward and in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        counted = targets != ignore_index
+        safe_targets = torch.where(counted, targets, 0)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = F.linear(hidden[rows], weight, bias).float()
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+            total += ((lse[rows] - picked) * counted[rows]).sum()
+        ctx.save_for_backward(hidden, weight, bias, safe_targets, counted, lse)
+        ctx.chunk_size = chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, counted, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            # d(lse - logit[target]) / d logits = softmax - onehot(target), for counted tokens.
+            grad_logits = F.linear(hidden[rows], weight, bias).float()
+            grad_logits.sub_(lse[rows, None]).exp_()
+            grad_logits.scatter_add_(1, targets[rows, None], torch.full_like(lse[rows, None], -1.0))
+            grad_logits.mul_((counted[rows] * grad_total)[:, None])
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden[rows])
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden_states @ weight.T (+ bias)`` against ``labels``,
+    computed ``chunk_size`` tokens at a time so that the full logits never exist.
+
+    Args:
+        hidden_states: ``(..., seq, hidden)``, the decoder's final (normalised) hidden states.
+        weight: the LM head's ``(vocab, hidden)`` weight; ``bias``: its bias, if it has one.
+        labels: ``(..., seq)`` token ids; ``ignore_index`` entries are not counted.
+        chunk_size: tokens per chunk (across the batch, after flattening); a larger chunk is
+            faster, a smaller one holds less memory (logits of ``chunk_size x vocab`` floats).
+        shift: predict token ``t + 1`` from position ``t`` (Hugging Face's ``labels``
+            convention); ``False``: ``labels`` are already aligned with ``hidden_states``.
+
+    Returns:
+        the mean loss over the counted tokens, a float32 scalar (NaN when none is counted, as
+        ``F.cross_entropy`` gives).
+
+    Raises:
+        ValueError: for a ``chunk_size`` below 1, or shapes that do not match.
+
+    Example:
+        >>> h, w = torch.randn(1, 6, 4), torch.randn(10, 4)
+        >>> chunked_cross_entropy(h, w, torch.tensor([[1, 2, 3, 4, 5, 6]]), chunk_size=2).shape
+        torch.Size([])
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size!r} must be a positive number of tokens.")
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"chunked_cross_entropy: hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} "
+            "must agree on every dimension but the last (hidden)."
+        )
+    if hidden_states.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"chunked_cross_entropy: the head weight {tuple(weight.shape)} does not take hidden size "
+            f"{hidden_states.shape[-1]}; pass the LM head's (vocab, hidden) weight."
+        )
+    if shift:
+        hidden_states, labels = hidden_states[..., :-1, :], labels[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = labels.reshape(-1)
+    counted = (targets != ignore_index).sum()
+    total = _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
+    return total / counted

@@ -1,0 +1,918 @@
+"""Early-exit heads on a causal LM (EE-LLM, LayerSkip): train them, then stop at a confident one.
+
+:func:`add_early_exits` attaches an *exit* after chosen decoder blocks of a Hugging Face causal
+LM. An exit is the model's final norm followed by its LM head, both **shared** with the final
+exit by default (LayerSkip: no new parameters, the early layers learn to speak the head's
+language), or a **copy** of each initialised from the final ones with ``share_head=False``
+(EE-LLM's own exit heads: ``hidden x vocab`` new weights per exit).
+
+Exit layers are **block indices**, numbered from 0 as in ``model.model.layers[i]``: an exit at
+``i`` reads the output of block ``i``, after ``i + 1`` blocks have run. The last block
+(``num_layers - 1``) is the model's own final exit and cannot be listed.
+
+Training: :func:`early_exit_loss` runs the model once, takes the hidden state after each exit
+block from a forward hook, and returns the weighted sum of the exits' cross-entropies and the
+final one, with each loss on its own for logging. Weights are a fixed list, or LayerSkip's
+scale that grows with depth (:func:`layerskip_weights`); an optional curriculum
+(``"rotational"`` or ``"gradual"``, as in LayerSkip) switches exits on and off by step.
+
+Memory: an exit's logits are ``batch x seq x vocab`` floats (32k-way: 128 KiB per token in
+fp32). The exits' losses are computed one at a time, each under activation checkpointing, so
+only the hidden state (which the model keeps for its own backward anyway) is saved and the
+logits are rebuilt one exit at a time in backward: the peak holds one exit's logits, never all
+of them. ``checkpoint_heads=False`` keeps each exit's logits alive until backward (faster, one
+``batch x seq x vocab`` tensor per exit).
+
+Inference: :func:`early_exit_forward` gives, for every token of a sequence, the prediction of
+the first exit whose top softmax probability reaches ``threshold`` (``threshold >= 1``: never
+exit, the full model; ``0``: always the first exit), the layer it exited at and the fraction of
+layers skipped. :func:`early_exit_generate` decodes greedily with a KV cache and really skips
+the layers: the skipped layers' keys and values of an exited token are computed later, in one
+batch with the next token that goes deeper (EE-LLM's *KV recomputation*), so every cached state
+is the full model's and the generated tokens are exactly those :func:`early_exit_forward`
+predicts on the generated sequence.
+
+Example:
+    >>> import torch
+    >>> from lightning_memopt.models import build_llama
+    >>> torch.manual_seed(0) and None
+    >>> model = build_llama("tiny", vocab_size=257, num_hidden_layers=4)
+    >>> exits = add_early_exits(model, exit_layers=[1, 2])
+    >>> tokens = torch.randint(0, 257, (2, 16))
+    >>> out = early_exit_loss(model, tokens)
+    >>> sorted(out.exit_losses), out.loss.shape
+    ([1, 2], torch.Size([]))
+    >>> early_exit_forward(model, tokens, threshold=0.0).exit_layers.unique().tolist()
+    [1]
+    >>> remove_early_exits(model)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import find_transformer_blocks
+
+__all__ = [
+    "CURRICULA",
+    "EarlyExitForwardOutput",
+    "EarlyExitGenerateOutput",
+    "EarlyExitLossOutput",
+    "EarlyExits",
+    "ExitHead",
+    "add_early_exits",
+    "early_exit_forward",
+    "early_exit_generate",
+    "early_exit_loss",
+    "get_early_exits",
+    "layerskip_weights",
+    "remove_early_exits",
+    "shifted_cross_entropy",
+]
+
+# Where the exits live on the model: a plain attribute (no module), so that shared heads are not
+# registered twice; own heads are registered as the submodule ``early_exit_heads``.
+_ATTR = "_memopt_early_exits"
+_HEADS = "early_exit_heads"
+# Names HF decoders give their final norm (LLaMA/Mistral/Qwen: norm, GPT-2/Bloom: ln_f, OPT: final_layer_norm).
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
+CURRICULA = (None, "rotational", "gradual")
+IGNORE_INDEX = -100
+
+
+class ExitHead(nn.Module):
+    """One exit: a norm, then the LM head (hidden states -> logits).
+
+    Example:
+        >>> head = ExitHead(nn.LayerNorm(4), nn.Linear(4, 10))
+        >>> head(torch.zeros(2, 3, 4)).shape
+        torch.Size([2, 3, 10])
+    """
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+
+def layerskip_weights(exit_layers: Sequence[int], num_layers: int, scale: float = 1.0) -> list[float]:
+    """LayerSkip's loss scale (arXiv 2404.16710, eq. 3), normalised to sum to 1, with layers
+    counted by the blocks they have run (``d = index + 1``): an exit after ``d`` blocks weighs
+    ``scale * (1 + 2 + ... + d)`` and the final layer ``L + scale * (1 + ... + (L - 1))``, so
+    deeper exits count more and the final most. (The paper counts from 0, which gives the
+    first block's exit weight 0: counting from 1 keeps every exit trained.)
+
+    Returns one weight per exit, then the final one's.
+
+    Example:
+        >>> [round(w, 3) for w in layerskip_weights([1, 2], num_layers=4)]  # 3, 6 and 4 + 6, over 19
+        [0.158, 0.316, 0.526]
+    """
+    raw = [scale * sum(range(1, layer + 2)) for layer in exit_layers]
+    raw.append(num_layers + scale * sum(range(1, num_layers)))
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+@dataclass
+class EarlyExits:
+    """The exits attached to a model (what :func:`add_early_exits` returns; also
+    :func:`get_early_exits`). Holds the hooks that capture the exit blocks' outputs.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> exits = add_early_exits(build_llama("tiny", vocab_size=257), [1])
+        >>> exits.exit_layers, exits.num_layers, exits.shared
+        ((1,), 4, True)
+    """
+
+    exit_layers: tuple[int, ...]
+    num_layers: int
+    blocks: list[nn.Module] = field(repr=False)
+    heads: dict[int, ExitHead] = field(repr=False)
+    final_head: ExitHead = field(repr=False)
+    shared: bool
+    loss_weights: str | tuple[float, ...]
+    layerskip_scale: float = 1.0
+    curriculum: str | None = None
+    curriculum_steps: int = 1
+    checkpoint_heads: bool = True
+    _captured: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _capturing: bool = field(default=False, repr=False)
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+    # -- capture -------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        for layer in self.exit_layers:
+            self._handles.append(self.blocks[layer].register_forward_hook(self._hook(layer)))
+
+    def _hook(self, layer: int):
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            if self._capturing:
+                self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return capture
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the output of each exit block during the forward passes inside the block.
+
+        Only inside it: a normal forward (or the recomputation of an activation-checkpointed
+        block in backward) keeps nothing.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> model = build_llama("tiny", vocab_size=257)
+            >>> exits = add_early_exits(model, [0, 2])
+            >>> with exits.capture() as hidden:
+            ...     _ = model(torch.zeros(1, 4, dtype=torch.long))
+            >>> sorted(hidden), hidden[0].shape
+            ([0, 2], torch.Size([1, 4, 256]))
+        """
+        self.start_capture()
+        try:
+            yield self._captured
+        finally:
+            self.stop_capture()
+
+    def start_capture(self) -> None:
+        """Start recording the exit blocks' outputs (what :meth:`capture` does on entry), for
+        frameworks whose forward runs between two hooks.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> model = build_llama("tiny", vocab_size=257)
+            >>> exits = add_early_exits(model, [1])
+            >>> exits.start_capture(); _ = model(torch.zeros(1, 4, dtype=torch.long))
+            >>> sorted(exits.stop_capture())
+            [1]
+        """
+        self._captured = {}
+        self._capturing = True
+
+    def stop_capture(self) -> dict[int, torch.Tensor]:
+        """Stop recording; returns what was recorded since :meth:`start_capture` and forgets it.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> add_early_exits(build_llama("tiny", vocab_size=257), [1]).stop_capture()
+            {}
+        """
+        captured, self._captured, self._capturing = self._captured, {}, False
+        return captured
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks (:func:`remove_early_exits` calls it).
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> add_early_exits(build_llama("tiny", vocab_size=257), [1]).remove_hooks()
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def exit_losses(
+        self, hidden: dict[int, torch.Tensor], labels: torch.Tensor, layers: Sequence[int] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Each exit's next-token cross-entropy from captured hidden states (see :meth:`capture`),
+        one exit at a time; under autograd each is checkpointed (``checkpoint_heads``), so its
+        logits are rebuilt in backward instead of kept.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> model = build_llama("tiny", vocab_size=257)
+            >>> exits = add_early_exits(model, [1])
+            >>> tokens = torch.randint(0, 257, (1, 6))
+            >>> with exits.capture() as hidden:
+            ...     _ = model(tokens)
+            ...     losses = exits.exit_losses(hidden, tokens)
+            >>> list(losses)
+            [1]
+        """
+        layers = self.exit_layers if layers is None else layers
+        missing = [layer for layer in layers if layer not in hidden]
+        if missing:
+            raise RuntimeError(
+                f"early exits: the forward never ran exit block(s) {missing}; the exits' blocks are not those the "
+                "model runs (pass blocks=[...] to add_early_exits), or the forward ran outside capture()."
+            )
+        losses: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            head, state = self.heads[layer], hidden[layer]
+            if self.checkpoint_heads and torch.is_grad_enabled() and state.requires_grad:
+                losses[layer] = checkpoint(_exit_loss, head, state, labels, use_reentrant=False)
+            else:
+                losses[layer] = _exit_loss(head, state, labels)
+        return losses
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def active_exits(self, step: int | None = None) -> list[int]:
+        """The exits that train at optimizer step ``step`` under the curriculum (all of them
+        without one, or when ``step`` is ``None``).
+
+        ``"rotational"``: one exit in ``curriculum_steps`` (by position) trains at each step,
+        in turn. ``"gradual"``: exits switch on from the deepest to the shallowest, one more
+        every ``curriculum_steps`` steps. The final loss always trains.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> exits = add_early_exits(build_llama("tiny", vocab_size=257, num_hidden_layers=6), [1, 2, 3],
+            ...                         curriculum="gradual", curriculum_steps=10)
+            >>> exits.active_exits(0), exits.active_exits(10), exits.active_exits(25)
+            ([3], [2, 3], [1, 2, 3])
+        """
+        if self.curriculum is None or step is None:
+            return list(self.exit_layers)
+        if self.curriculum == "rotational":
+            period = self.curriculum_steps
+            return [layer for i, layer in enumerate(self.exit_layers) if i % period == step % period]
+        shown = 1 + step // self.curriculum_steps
+        return list(self.exit_layers[-shown:])
+
+    def weights(self, active: Sequence[int] | None = None) -> dict[int | str, float]:
+        """Loss weight of each active exit and of ``"final"``. LayerSkip's weights are
+        re-normalised over the active losses (so they always sum to 1); a fixed list is used as
+        given.
+
+        Example:
+            >>> from lightning_memopt.models import build_llama
+            >>> exits = add_early_exits(build_llama("tiny", vocab_size=257), [1], loss_weights=[0.5])
+            >>> exits.weights()
+            {1: 0.5, 'final': 1.0}
+        """
+        active = list(self.exit_layers) if active is None else list(active)
+        if self.loss_weights == "layerskip":
+            full = layerskip_weights(self.exit_layers, self.num_layers, self.layerskip_scale)
+            raw: dict[int | str, float] = {layer: full[self.exit_layers.index(layer)] for layer in active}
+            raw["final"] = full[-1]
+            total = sum(raw.values())
+            return {key: value / total for key, value in raw.items()}
+        given = dict(zip(self.exit_layers, self.loss_weights))
+        out: dict[int | str, float] = {layer: given[layer] for layer in active}
+        out["final"] = self.loss_weights[-1] if len(self.loss_weights) > len(self.exit_layers) else 1.0
+        return out
+
+
+def get_early_exits(model: nn.Module) -> EarlyExits | None:
+    """The exits :func:`add_early_exits` attached to ``model``, or ``None``.
+
+    Example:
+        >>> get_early_exits(nn.Linear(2, 2)) is None
+        True
+    """
+    return getattr(model, _ATTR, None)
+
+
+def _find_final_norm(model: nn.Module, blocks: list[nn.Module]) -> nn.Module | None:
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    found = None
+    for name, module in model.named_modules():
+        if id(module) in in_blocks or not name:
+            continue
+        if name.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES and not list(module.children()):
+            found = module  # the last one in module order: the norm after the blocks
+    return found
+
+
+def _check_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    layers = list(exit_layers)
+    last = num_layers - 1
+    fix = f"list block indices between 0 and {last - 1} (the model has {num_layers} blocks, numbered 0..{last})"
+    if not layers:
+        raise ValueError(f"add_early_exits: exit_layers is empty; {fix}.")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"add_early_exits: exit layer {layer!r} is not an int; {fix}.")
+        if layer == last:
+            raise ValueError(
+                f"add_early_exits: exit layer {layer} is the last block, whose output already goes to the model's "
+                f"own final head; drop it and {fix}."
+            )
+        if not 0 <= layer < last:
+            raise ValueError(f"add_early_exits: exit layer {layer} is out of range; {fix}.")
+    duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if duplicates:
+        raise ValueError(
+            f"add_early_exits: exit_layers={layers} lists {duplicates} more than once; list each block once: "
+            f"{sorted(set(layers))}."
+        )
+    if layers != sorted(layers):
+        raise ValueError(f"add_early_exits: exit_layers={layers} must be in increasing order; write {sorted(layers)}.")
+    return tuple(layers)
+
+
+def _check_weights(loss_weights: str | Sequence[float] | None, exit_layers: tuple[int, ...]) -> str | tuple[float, ...]:
+    if loss_weights is None or loss_weights == "layerskip":
+        return "layerskip"
+    if isinstance(loss_weights, str):
+        raise ValueError(
+            f"add_early_exits: loss_weights={loss_weights!r} is not known; use 'layerskip' or a list of numbers."
+        )
+    weights = tuple(float(w) for w in loss_weights)
+    n = len(exit_layers)
+    if len(weights) not in (n, n + 1):
+        raise ValueError(
+            f"add_early_exits: loss_weights={list(weights)} has {len(weights)} values for {n} exits "
+            f"{list(exit_layers)}; give {n} (one per exit; the final loss weighs 1) or {n + 1} (the last for the "
+            "final loss)."
+        )
+    bad = [w for w in weights if not (w >= 0 and math.isfinite(w))]
+    if bad:
+        raise ValueError(f"add_early_exits: loss_weights={list(weights)} holds {bad}; weights must be finite and >= 0.")
+    return weights
+
+
+def add_early_exits(
+    model: nn.Module,
+    exit_layers: Sequence[int],
+    *,
+    share_head: bool = True,
+    loss_weights: str | Sequence[float] | None = "layerskip",
+    layerskip_scale: float = 1.0,
+    curriculum: str | None = None,
+    curriculum_steps: int = 1,
+    checkpoint_heads: bool = True,
+    blocks: Sequence[nn.Module] | None = None,
+    norm: nn.Module | None = None,
+    head: nn.Module | None = None,
+) -> EarlyExits:
+    """Attach exits after blocks ``exit_layers`` (0-based block indices) of a causal LM.
+
+    Args:
+        model: a Hugging Face causal LM (``LlamaForCausalLM`` from
+            :func:`~lightning_memopt.models.build_llama`, or any decoder whose blocks, final
+            norm and LM head can be found; pass ``blocks``/``norm``/``head`` otherwise).
+        exit_layers: increasing block indices in ``0 .. num_layers - 2``.
+        share_head: ``True`` (LayerSkip): every exit uses the model's final norm and LM head,
+            no new parameters. ``False`` (EE-LLM): each exit gets its own copy of the final
+            norm and LM head, initialised from them and registered as
+            ``model.early_exit_heads`` (so they train, and are saved in the state dict).
+        loss_weights: ``"layerskip"`` (:func:`layerskip_weights`, the default), or one weight
+            per exit (the final loss weighs 1), or one per exit plus one for the final loss.
+        layerskip_scale: the ``e_scale`` of LayerSkip's weights.
+        curriculum: ``None`` (all exits train at every step), ``"rotational"`` or ``"gradual"``
+            (see :meth:`EarlyExits.active_exits`); it acts where a step is passed to
+            :func:`early_exit_loss`.
+        curriculum_steps: the period of the rotation, or the steps between two exits switching on.
+        checkpoint_heads: recompute each exit's logits in backward instead of keeping them
+            (see the module docs).
+        blocks, norm, head: override what is found: the decoder blocks, the final norm and the
+            module mapping normed hidden states to logits.
+
+    Raises:
+        ValueError: for exit layers out of range, duplicated, unsorted or the last block; for
+            weights of the wrong length; for a model that already has exits or whose blocks,
+            final norm or head cannot be found.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> exits = add_early_exits(model, [1], share_head=False)
+        >>> sum(p.numel() for p in model.early_exit_heads.parameters())  # a norm and a 256 x 257 head
+        66048
+    """
+    if get_early_exits(model) is not None:
+        raise ValueError(
+            f"add_early_exits: this {type(model).__name__} already has exits at "
+            f"{list(get_early_exits(model).exit_layers)}; call remove_early_exits(model) first."
+        )
+    found = list(blocks) if blocks is not None else find_transformer_blocks(model)
+    if len(found) < 2:
+        raise ValueError(
+            f"add_early_exits: found {len(found)} transformer block(s) in {type(model).__name__}; early exits need a "
+            "stack of at least 2. Pass blocks=[...] (the decoder layers in order)."
+        )
+    num_layers = len(found)
+    layers = _check_exit_layers(exit_layers, num_layers)
+    weights = _check_weights(loss_weights, layers)
+    if curriculum not in CURRICULA:
+        raise ValueError(f"add_early_exits: curriculum={curriculum!r}; use one of {list(CURRICULA)}.")
+    if curriculum_steps < 1:
+        raise ValueError(f"add_early_exits: curriculum_steps={curriculum_steps}; use an int >= 1.")
+    final_norm = norm if norm is not None else _find_final_norm(model, found)
+    if final_norm is None:
+        raise ValueError(
+            f"add_early_exits: no final norm found in {type(model).__name__} (looked for modules named "
+            f"{list(_FINAL_NORM_NAMES)} outside the blocks). Pass norm=... (nn.Identity() if the model has none)."
+        )
+    lm_head = (
+        head if head is not None else model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    )
+    if lm_head is None:
+        raise ValueError(
+            f"add_early_exits: {type(model).__name__} has no output embeddings (LM head); pass head=... (the module "
+            "that maps normed hidden states to logits)."
+        )
+    final_head = ExitHead(final_norm, lm_head)
+    if share_head:
+        heads = {layer: final_head for layer in layers}
+    else:
+        own = nn.ModuleDict({str(layer): ExitHead(copy.deepcopy(final_norm), _copy_head(lm_head)) for layer in layers})
+        model.add_module(_HEADS, own)
+        heads = {layer: own[str(layer)] for layer in layers}
+    exits = EarlyExits(
+        exit_layers=layers,
+        num_layers=num_layers,
+        blocks=found,
+        heads=heads,
+        final_head=final_head,
+        shared=share_head,
+        loss_weights=weights,
+        layerskip_scale=layerskip_scale,
+        curriculum=curriculum,
+        curriculum_steps=curriculum_steps,
+        checkpoint_heads=checkpoint_heads,
+    )
+    exits._install_hooks()
+    setattr(model, _ATTR, exits)
+    return exits
+
+
+def _copy_head(head: nn.Module) -> nn.Module:
+    # A tied LM head shares its weight with the input embedding; the copy must own its own.
+    clone = copy.deepcopy(head)
+    for name, param in list(clone.named_parameters(recurse=False)):
+        setattr(clone, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+    return clone
+
+
+def remove_early_exits(model: nn.Module) -> None:
+    """Undo :func:`add_early_exits`: remove the hooks, the attribute and any own exit heads.
+
+    A model without exits is left alone.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> _ = add_early_exits(model, [1], share_head=False)
+        >>> remove_early_exits(model)
+        >>> hasattr(model, "early_exit_heads"), get_early_exits(model)
+        (False, None)
+    """
+    exits = get_early_exits(model)
+    if exits is None:
+        return
+    exits.remove_hooks()
+    delattr(model, _ATTR)
+    if _HEADS in model._modules:
+        del model._modules[_HEADS]
+
+
+def _require_exits(model: nn.Module, caller: str) -> EarlyExits:
+    exits = get_early_exits(model)
+    if exits is None:
+        raise ValueError(
+            f"{caller}: the model has no early exits; call add_early_exits(model, exit_layers=[...]) first."
+        )
+    return exits
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy as Hugging Face causal LMs compute it: position ``t`` predicts
+    ``labels[t + 1]``; ``-100`` is ignored; the mean over the counted tokens, in fp32.
+
+    Example:
+        >>> round(shifted_cross_entropy(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]])).item(), 4)  # log(5)
+        1.6094
+    """
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def _exit_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return shifted_cross_entropy(head(hidden), labels)
+
+
+@dataclass
+class EarlyExitLossOutput:
+    """What :func:`early_exit_loss` returns.
+
+    Attributes:
+        loss: the weighted sum, to call ``backward`` on.
+        final_loss: the final layer's cross-entropy (the model's usual loss).
+        exit_losses: each active exit's cross-entropy, by block index.
+        weights: the weight each term got (``"final"`` for the final loss).
+        logits: the final layer's logits (the model's output).
+
+    Example:
+        >>> out = EarlyExitLossOutput(torch.tensor(1.0), torch.tensor(1.0), {}, {"final": 1.0}, None)
+        >>> out.loss.item()
+        1.0
+    """
+
+    loss: torch.Tensor
+    final_loss: torch.Tensor
+    exit_losses: dict[int, torch.Tensor]
+    weights: dict[int | str, float]
+    logits: torch.Tensor | None
+
+
+def early_exit_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    step: int | None = None,
+    **kwargs: Any,
+) -> EarlyExitLossOutput:
+    """One forward of ``model`` and the early-exit training loss: the weighted sum of each
+    exit's next-token cross-entropy and the final one (weights from :func:`add_early_exits`).
+
+    ``labels`` default to ``input_ids`` (shifted inside, ``-100`` ignored, as HF does).
+    ``step`` drives the curriculum, if any. Extra keyword arguments go to the model's forward.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> _ = add_early_exits(model, [1], loss_weights=[0.5, 1.0])
+        >>> out = early_exit_loss(model, torch.randint(0, 257, (2, 8)))
+        >>> torch.allclose(out.loss, 0.5 * out.exit_losses[1] + out.final_loss)
+        True
+    """
+    exits = _require_exits(model, "early_exit_loss")
+    labels = input_ids if labels is None else labels
+    active = exits.active_exits(step)
+    with exits.capture() as captured:
+        output = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = dict(captured)
+    logits = output.logits
+    final_loss = shifted_cross_entropy(logits, labels)
+    weights = exits.weights(active)
+    exit_losses = exits.exit_losses(hidden, labels, active)
+    total = weights["final"] * final_loss
+    for layer, loss in exit_losses.items():
+        total = total + weights[layer] * loss
+    return EarlyExitLossOutput(total, final_loss, exit_losses, weights, logits)
+
+
+# -- inference: teacher-forced -----------------------------------------------------------------
+
+
+def _never_exits(threshold: float) -> bool:
+    # A softmax reaches 1.0 only by float rounding: threshold >= 1 means "run the full model".
+    return threshold >= 1.0
+
+
+@dataclass
+class EarlyExitForwardOutput:
+    """What :func:`early_exit_forward` returns.
+
+    Attributes:
+        logits: ``batch x seq x vocab``: each token's logits from the exit it stopped at.
+        exit_layers: ``batch x seq``: that exit's block index (``num_layers - 1``: the final).
+        num_layers: the model's number of blocks.
+        loss: next-token cross-entropy of those logits, when ``labels`` were given.
+
+    Example:
+        >>> out = EarlyExitForwardOutput(torch.zeros(1, 2, 3), torch.tensor([[1, 3]]), 4)
+        >>> out.mean_layers_run, out.fraction_skipped
+        (3.0, 0.25)
+    """
+
+    logits: torch.Tensor
+    exit_layers: torch.Tensor
+    num_layers: int
+    loss: torch.Tensor | None = None
+
+    @property
+    def mean_layers_run(self) -> float:
+        """Blocks run per token, on average."""
+        return float((self.exit_layers + 1).float().mean())
+
+    @property
+    def fraction_skipped(self) -> float:
+        """The fraction of blocks each token skips, on average."""
+        return 1.0 - self.mean_layers_run / self.num_layers
+
+
+@torch.no_grad()
+def early_exit_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    threshold: float,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> EarlyExitForwardOutput:
+    """Per-token confidence-based exit over a whole sequence (teacher forcing).
+
+    Each token takes the prediction of the first exit whose top softmax probability is at
+    least ``threshold``, else the final layer's. ``threshold >= 1`` never exits (the full
+    model's logits, exactly); ``threshold = 0`` always takes the first exit (exactly the model
+    cut after that block, plus the head). All blocks run here, since later tokens attend to
+    deeper states of earlier ones; the exit layers say what :func:`early_exit_generate` skips
+    when it decodes the same tokens. Exit logits are computed only for tokens still running,
+    one exit at a time.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> _ = add_early_exits(model, [1])
+        >>> tokens = torch.randint(0, 257, (1, 8))
+        >>> out = early_exit_forward(model, tokens, threshold=2.0)
+        >>> torch.equal(out.logits, model(tokens).logits), out.fraction_skipped
+        (True, 0.0)
+    """
+    exits = _require_exits(model, "early_exit_forward")
+    with exits.capture() as captured:
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = dict(captured)
+    logits = output.logits.clone()
+    final = exits.num_layers - 1
+    exit_layers = torch.full(input_ids.shape, final, dtype=torch.long, device=input_ids.device)
+    if not _never_exits(threshold):
+        running = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        for layer in exits.exit_layers:
+            if not running.any():
+                break
+            exit_logits = exits.heads[layer](hidden[layer][running]).to(logits.dtype)
+            confident = exit_logits.float().softmax(-1).amax(-1) >= threshold
+            where = running.nonzero(as_tuple=True)
+            chosen = tuple(index[confident] for index in where)
+            logits[chosen] = exit_logits[confident]
+            exit_layers[chosen] = layer
+            running[chosen] = False
+    loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+    return EarlyExitForwardOutput(logits, exit_layers, exits.num_layers, loss)
+
+
+# -- inference: generation with a KV cache -----------------------------------------------------
+
+
+class _PrefixCache:
+    """Per-layer key/value prefixes of different lengths (what a layer's attention calls
+    ``update`` on); each layer's cache always holds positions ``0 .. length - 1``."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.layer: int = 0  # the layer the next update belongs to (attention modules know theirs too)
+
+    def length(self, layer: int) -> int:
+        keys = self.keys[layer]
+        return 0 if keys is None else keys.shape[-2]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        layer = self.layer  # the block being run (its attention's layer_idx is the same for LLaMA)
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = key, value
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], key], dim=-2)
+            self.values[layer] = torch.cat([self.values[layer], value], dim=-2)
+        return self.keys[layer], self.values[layer]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length(layer_idx)
+
+
+@dataclass
+class EarlyExitGenerateOutput:
+    """What :func:`early_exit_generate` returns.
+
+    Attributes:
+        sequences: ``batch x (prompt + new)`` token ids (rows that stopped at ``eos`` are padded
+            with it).
+        exit_layers: ``batch x new``: the block index each new token exited at (``num_layers -
+            1``: the final layer; ``-1``: not generated, after ``eos``).
+        num_layers: the model's number of blocks.
+        block_evaluations: (token, block) pairs computed after the prompt, recomputed keys and
+            values of exited tokens included.
+        full_block_evaluations: what the full model computes for the same tokens.
+
+    Example:
+        >>> out = EarlyExitGenerateOutput(torch.zeros(1, 3), torch.tensor([[1, 3]]), 4, 6, 8)
+        >>> out.mean_layers_run, out.fraction_skipped, out.compute_saved
+        (3.0, 0.25, 0.25)
+    """
+
+    sequences: torch.Tensor
+    exit_layers: torch.Tensor
+    num_layers: int
+    block_evaluations: int
+    full_block_evaluations: int
+
+    @property
+    def mean_layers_run(self) -> float:
+        """Blocks run per new token before its prediction, on average (the sequential depth)."""
+        made = self.exit_layers[self.exit_layers >= 0]
+        return float((made + 1).float().mean()) if made.numel() else 0.0
+
+    @property
+    def fraction_skipped(self) -> float:
+        """The fraction of blocks a new token skips before its prediction, on average."""
+        return 1.0 - self.mean_layers_run / self.num_layers if self.mean_layers_run else 0.0
+
+    @property
+    def compute_saved(self) -> float:
+        """The fraction of block evaluations saved against the full model, after the deferred
+        keys and values were recomputed (smaller than ``fraction_skipped``: a skipped layer is
+        computed later, in one batch with the next token that goes deeper, unless no later token
+        does)."""
+        return 1.0 - self.block_evaluations / self.full_block_evaluations if self.full_block_evaluations else 0.0
+
+
+def _llama_style_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
+    base = getattr(model, "model", None)
+    parts = [getattr(base, name, None) for name in ("embed_tokens", "rotary_emb", "layers")]
+    if any(part is None for part in parts):
+        raise ValueError(
+            f"early_exit_generate drives LLaMA-style decoders (model.model.embed_tokens, .rotary_emb, .layers: "
+            f"Llama, Mistral, Qwen2, ...); {type(model).__name__} is not one. Use early_exit_forward, which works "
+            "with any model add_early_exits accepts."
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def _causal_mask(chunk: int, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    if chunk == 1:
+        return None  # one query attends to every cached key
+    query = torch.arange(prefix, prefix + chunk, device=device)[:, None]
+    key = torch.arange(prefix + chunk, device=device)[None, :]
+    mask = torch.zeros(chunk, prefix + chunk, dtype=dtype, device=device)
+    return mask.masked_fill(key > query, torch.finfo(dtype).min)[None, None]
+
+
+@torch.no_grad()
+def early_exit_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    threshold: float,
+    eos_token_id: int | None = None,
+) -> EarlyExitGenerateOutput:
+    """Greedy decoding that stops each new token at the first confident exit, with a KV cache.
+
+    Per sequence (rows are decoded one after another). A token whose exit at block ``e`` is
+    confident (top softmax probability ``>= threshold``) skips blocks ``e + 1 ..``; their keys
+    and values for it are computed when a later token first runs those blocks, in one batch
+    with it (EE-LLM's KV recomputation). Every cached state is then the full model's, and the
+    tokens are exactly those :func:`early_exit_forward` predicts on the output (up to float
+    rounding). ``threshold >= 1`` is plain greedy decoding with the full model.
+
+    LLaMA-style decoders only (``model.model.embed_tokens``, ``.rotary_emb``, ``.layers``:
+    Llama, Mistral, Qwen2, ...), without padding in ``input_ids``.
+
+    Example:
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> _ = add_early_exits(model, [1])
+        >>> out = early_exit_generate(model, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=3, threshold=0.0)
+        >>> out.sequences.shape, out.exit_layers.tolist()
+        (torch.Size([1, 7]), [[1, 1, 1]])
+    """
+    exits = _require_exits(model, "early_exit_generate")
+    embed, rotary, layers = _llama_style_parts(model)
+    if list(layers) != list(exits.blocks):
+        raise ValueError("early_exit_generate: the exits' blocks are not model.model.layers; it cannot drive them.")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(
+            f"early_exit_generate: input_ids must be batch x length (length >= 1), got {tuple(input_ids.shape)}."
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"early_exit_generate: max_new_tokens={max_new_tokens}; use an int >= 1.")
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [
+            _generate_row(exits, embed, rotary, row[None], max_new_tokens, threshold, eos_token_id) for row in input_ids
+        ]
+    finally:
+        model.train(was_training)
+    fill = eos_token_id if eos_token_id is not None else 0
+    width = input_ids.shape[1] + max_new_tokens
+    sequences = torch.full((len(rows), width), fill, dtype=input_ids.dtype, device=input_ids.device)
+    exit_layers = torch.full((len(rows), max_new_tokens), -1, dtype=torch.long)
+    evaluations = full = 0
+    for i, (tokens, row_exits, row_evals) in enumerate(rows):
+        sequences[i, : tokens.numel()] = tokens
+        exit_layers[i, : len(row_exits)] = torch.tensor(row_exits, dtype=torch.long)
+        evaluations += row_evals
+        full += len(row_exits) * exits.num_layers
+    return EarlyExitGenerateOutput(sequences, exit_layers, exits.num_layers, evaluations, full)
+
+
+def _generate_row(
+    exits: EarlyExits,
+    embed: nn.Module,
+    rotary: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    threshold: float,
+    eos_token_id: int | None,
+) -> tuple[torch.Tensor, list[int], int]:
+    num_layers, device = exits.num_layers, prompt.device
+    cache = _PrefixCache(num_layers)
+    exit_set = set() if _never_exits(threshold) else set(exits.exit_layers)
+    tokens = prompt[0].tolist()
+    # Positions start .. current (inclusive) whose deepest computed state is in `states`, each at
+    # its own depth; every block l holds keys/values for positions 0 .. cache.length(l) - 1.
+    states: torch.Tensor | None = None
+    start = 0
+
+    def run_block(layer: int, hidden: torch.Tensor, first: int) -> torch.Tensor:
+        positions = torch.arange(first, first + hidden.shape[1], device=device)[None]
+        cos_sin = rotary(hidden, position_ids=positions)
+        cache.layer = layer
+        mask = _causal_mask(hidden.shape[1], first, hidden.dtype, device)
+        out = exits.blocks[layer](
+            hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, position_embeddings=cos_sin
+        )
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    # The prompt but its last token runs through every block: its keys and values are needed.
+    if len(tokens) > 1:
+        hidden = embed(prompt[:, :-1])
+        for layer in range(num_layers):
+            hidden = run_block(layer, hidden, 0)
+        start = len(tokens) - 1
+    exit_layers: list[int] = []
+    evaluations = 0
+    current = prompt[:, -1:]
+    for _ in range(max_new_tokens):
+        position = len(tokens) - 1
+        new = embed(current)
+        states = new if states is None else torch.cat([states, new], dim=1)
+        logits, exited_at = None, num_layers - 1
+        for layer in range(num_layers):
+            first = cache.length(layer)  # positions first .. current still need this block
+            offset = first - start
+            out = run_block(layer, states[:, offset:], first)
+            evaluations += out.shape[1]
+            states = torch.cat([states[:, :offset], out], dim=1)
+            if layer in exit_set:
+                exit_logits = exits.heads[layer](out[:, -1:])
+                if exit_logits.float().softmax(-1).amax() >= threshold:
+                    logits, exited_at = exit_logits, layer
+                    break
+        if logits is None:
+            logits = exits.final_head(states[:, -1:])
+            start, states = position + 1, None  # every position is at full depth now
+        exit_layers.append(exited_at)
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        current = torch.tensor([[token]], dtype=prompt.dtype, device=device)
+    return torch.tensor(tokens, dtype=prompt.dtype), exit_layers, evaluations
