@@ -83,3 +83,20 @@ def test_absmax_keeps_float32_on_bfloat16_weights(make_llama, make_batches, trai
     state = fresh.state[model.get_input_embeddings().weight]
     assert state["absmax1"].dtype == state["absmax2"].dtype == torch.float32
     assert torch.equal(state["absmax1"], optimizer.state[model.get_input_embeddings().weight]["absmax1"])
+
+
+def test_loading_state_of_the_other_layout_is_refused(make_llama, make_batches, train_step):
+    model = make_llama()
+    tokens = make_batches(1, 2, 16)[0]
+    eight_bit = APOLLOMini(apollo_param_groups(model), lr=1e-3, adamw_8bit=True)
+    train_step(model, eight_bit, tokens)
+    plain = APOLLOMini(apollo_param_groups(model), lr=1e-3)
+    plain.load_state_dict(eight_bit.state_dict())
+    with pytest.raises(ValueError, match="8-bit AdamW moments, but the optimizer has adamw_8bit=False"):
+        train_step(model, plain, tokens)
+    full_precision = APOLLOMini(apollo_param_groups(model), lr=1e-3)
+    train_step(model, full_precision, tokens)
+    now_8bit = APOLLOMini(apollo_param_groups(model), lr=1e-3, adamw_8bit=True)
+    now_8bit.load_state_dict(full_precision.state_dict())
+    with pytest.raises(ValueError, match="32-bit AdamW moments, but the optimizer has adamw_8bit=True"):
+        train_step(model, now_8bit, tokens)

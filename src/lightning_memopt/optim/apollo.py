@@ -64,6 +64,10 @@ _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm", "state1", "state2", "ab
 # the moments are quantised in blocks of this many elements (its blockwise kernel's block).
 MIN_8BIT_SIZE = 4096
 _BLOCK_8BIT = 256
+_STATE_LAYOUT_MISMATCH = (
+    "APOLLO: this optimizer state holds {saved} AdamW moments, but the optimizer has {now}; resume with "
+    "the adamw_8bit setting the state was saved with."
+)
 # What ``projection_dtype`` accepts, by name (YAML and option strings give names).
 PROJECTION_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -481,6 +485,8 @@ class APOLLO(torch.optim.Optimizer):
                 if not params:
                     return
         states = [self.state[p] or self._init_adamw_state(p) for p in params]
+        if any("state1" in s for s in states):
+            raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="8-bit", now="adamw_8bit=False"))
         beta1, beta2 = group["betas"]
         on_cpu = all(_local(p).device.type == "cpu" for p in params)
         functional_adamw(
@@ -507,6 +513,8 @@ class APOLLO(torch.optim.Optimizer):
         """AdamW with 8-bit blockwise moments, one parameter at a time (bitsandbytes' kernel)."""
         from bitsandbytes.functional import create_dynamic_map, optimizer_update_8bit_blockwise
 
+        if any(self.state[p] and "state1" not in self.state[p] for p in params):  # before any update
+            raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="32-bit", now="adamw_8bit=True"))
         beta1, beta2 = group["betas"]
         lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
         for p in params:
