@@ -21,10 +21,11 @@ post-accumulate-grad hooks that run before the optimizer's); optimizer state (af
 :func:`lightning_memopt.memory.breakdown`); activations (bytes allocated by one forward pass and
 still alive at its end: :func:`lightning_memopt.layers.checkpointing.measure_activation_bytes`);
 the tensor peak (the most tensor bytes alive at once during one profiled training step: params,
-optimizer state and everything the step allocates; the CPU analogue of CUDA's
-``max_memory_allocated``); the whole-process peak resident set (``VmHWM``), which also holds what
-the C allocator keeps after frees, and that peak minus the resident set before the model was built
-(the interpreter and libraries: the same for every row); tokens/s over the timed
+optimizer state and everything the step allocates, temporaries inside ops included, from torch's
+memory timeline; the CPU analogue of CUDA's ``max_memory_allocated``); the whole-process peak
+resident set (``VmHWM``, with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave
+it), and that peak minus the resident set before the model was built (the interpreter and
+libraries: the same for every row); tokens/s over the timed
 steps (after one warm-up step), and the speed ratio by the process's CPU time per step as well
 (on a shared machine the wall time depends on the other processes). The target of the full
 recipe: peak at most 1/4 of fp32 AdamW's, tokens/s at least 0.6x.
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,21 +127,26 @@ SHAPES: dict[str, dict[str, int]] = {
 
 
 # ---------------------------------------------------------------------------- one recipe (child process)
-def peak_allocated_during(fn: Any) -> int:
-    """The peak, over ``fn()``, of the tensor bytes it allocated and had not freed yet (CPU).
+def tensor_peak_during(fn: Any) -> int:
+    """The most tensor bytes alive at once while ``fn()`` runs (CPU), every tensor it touches
+    included (parameters, optimizer state, activations, gradients, temporaries).
 
-    The CPU analogue of ``torch.cuda.max_memory_allocated``, from the torch profiler's memory
-    records: unlike the resident set, it does not count memory the C allocator keeps after a free.
+    From torch's memory timeline (``torch.profiler`` with ``profile_memory``, ``record_shapes``
+    and ``with_stack``; ``export_memory_timeline``), which follows every allocation and free,
+    including the temporaries an op allocates and frees inside itself: the CPU analogue of
+    ``torch.cuda.max_memory_allocated``.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA in favour of snapshots
+            prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max(sum(by_category) for by_category in sizes)
 
 
 def run_recipe(name: str, shape: dict[str, int]) -> dict[str, Any]:
@@ -213,8 +220,7 @@ def run_recipe(name: str, shape: dict[str, int]) -> dict[str, Any]:
         cpu_times.append(time.process_time() - cpu_start)
 
     memory = breakdown(model, optimizer, grads=False)
-    held = memory.params_bytes + memory.buffers_bytes + memory.optimizer_state_bytes + memory.projection_cache_bytes
-    tensor_peak = held + peak_allocated_during(train_step)
+    tensor_peak = tensor_peak_during(train_step)
     output, activation_bytes = measure_activation_bytes(forward_loss)
     del output  # dropped without backward: the measurement is not a training step
     peak = PeakMemory("cpu").read()["peak_bytes"]  # never reset: the process's lifetime peak
