@@ -165,3 +165,25 @@ def test_yaml_fragment_builds_the_callback() -> None:
     assert entry["class_path"] == "lightning_memopt.callbacks.Int8Weights"
     assert set(entry["init_args"]) == set(inspect.signature(Int8Weights).parameters)
     assert Int8Weights(**entry["init_args"]).group_size == 128
+
+
+def test_composes_with_other_model_surgery_callbacks() -> None:
+    """Listed after UpcycleToMoE (which also acts at the end of configure_model), Int8Weights
+    still converts, the upcycled experts included."""
+    from lightning_memopt.callbacks import UpcycleToMoE
+
+    data = DataLoader([{"input_ids": torch.randint(0, 257, (16,))} for _ in range(2)], batch_size=2)
+    lm = CausalLM("tiny", vocab_size=257, model_overrides={"num_hidden_layers": 1})
+    int8 = Int8Weights()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[UpcycleToMoE(num_experts=2, top_k=1), int8],
+    )
+    trainer.fit(lm, data)
+    assert any(".experts." in name for name in int8.converted)
+    assert sum(is_int8_weight(p) for p in lm.parameters()) == len(int8.converted) == 4 + 2 * 3

@@ -49,6 +49,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from ..layers.early_exit import CURRICULA, EarlyExits, add_early_exits, get_early_exits
+from .model_surgery import remove_model_surgery, run_after_configure_model
 
 _LOSS_TERM = "early_exit"
 # Strategies that shard the parameters: the exit heads run outside the root forward, unsharded.
@@ -180,18 +181,12 @@ class EarlyExit(Callback):
             return
         # The model is built in configure_model, which Lightning calls right after this hook and
         # before configure_optimizers and checkpoint restoring: attach the exits at the end of it.
-        build = pl_module.configure_model
-
-        def configure_model() -> None:
-            build()
-            self._attach(pl_module)
-
-        pl_module.configure_model = configure_model  # type: ignore[method-assign]
+        run_after_configure_model(pl_module, lambda: self._attach(pl_module))
         self._wrapped = pl_module
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._wrapped is not None:
-            self._wrapped.__dict__.pop("configure_model", None)
+            remove_model_surgery(self._wrapped)
             self._wrapped = None
         terms = getattr(pl_module, "loss_terms", None)
         if isinstance(terms, dict):

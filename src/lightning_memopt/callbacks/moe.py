@@ -44,6 +44,7 @@ from torch import nn
 
 from ..layers import moe_aux_loss, moe_expert_loads, moe_layers, moe_z_loss, set_moe_modality, upcycle_to_moe
 from ..layers.moe import _check_routing
+from .model_surgery import remove_model_surgery, run_after_configure_model
 
 _LOSS_TERM = "moe_aux_loss"
 
@@ -142,18 +143,12 @@ class UpcycleToMoE(Callback):
             return
         # The model is built in configure_model, which Lightning calls right after this hook and
         # before configure_optimizers and checkpoint restoring: upcycle at the end of it.
-        build = pl_module.configure_model
-
-        def configure_model() -> None:
-            build()
-            self._upcycle(pl_module)
-
-        pl_module.configure_model = configure_model
+        run_after_configure_model(pl_module, lambda: self._upcycle(pl_module))
         self._wrapped = pl_module
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._wrapped is not None:
-            self._wrapped.__dict__.pop("configure_model", None)
+            remove_model_surgery(self._wrapped)
             self._wrapped = None
         terms = getattr(pl_module, "loss_terms", None)
         if isinstance(terms, dict):

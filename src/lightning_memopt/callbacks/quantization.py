@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from ..optim.param_groups import TargetModules
 from ..quant import DEFAULT_GROUP_SIZE, quantize_linear_weights
 from ..quant.int8 import check_group_size
+from .model_surgery import remove_model_surgery, run_after_configure_model
 
 _SUPPORTED_STRATEGIES = ("SingleDeviceStrategy",)
 
@@ -83,20 +84,19 @@ class Int8Weights(Callback):
                 "weights, which the INT8 tensor does not support, and DDP is untested with it. Remove the "
                 "callback or train on one device."
             )
-        if "configure_model" in vars(pl_module):
-            return  # already wrapped (a second setup without teardown)
-        original = pl_module.configure_model
+        if pl_module in self._patched:
+            return  # already wrapped by this callback (a second setup without teardown)
 
-        def configure_model_then_quantize() -> None:
-            original()
+        def quantize() -> None:
             self.converted = quantize_linear_weights(pl_module, self.target_modules, self.group_size, self.seed)
 
-        pl_module.configure_model = configure_model_then_quantize  # type: ignore[method-assign]
+        # Other callbacks' surgery on the same module (UpcycleToMoE, EarlyExit) chains with this one.
+        run_after_configure_model(pl_module, quantize)
         self._patched.append(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for module in self._patched:
-            vars(module).pop("configure_model", None)
+            remove_model_surgery(module)
         self._patched = []
 
     def state_dict(self) -> dict[str, Any]:
