@@ -485,8 +485,6 @@ class APOLLO(torch.optim.Optimizer):
                 if not params:
                     return
         states = [self.state[p] or self._init_adamw_state(p) for p in params]
-        if any("state1" in s for s in states):
-            raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="8-bit", now="adamw_8bit=False"))
         beta1, beta2 = group["betas"]
         on_cpu = all(_local(p).device.type == "cpu" for p in params)
         functional_adamw(
@@ -509,12 +507,22 @@ class APOLLO(torch.optim.Optimizer):
             maximize=False,
         )
 
+    def _check_adamw_state_layout(self) -> None:
+        """After loading: every AdamW parameter's moments are in the layout ``adamw_8bit`` asks for."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state or self.is_low_rank(group, p):
+                    continue
+                if "state1" in state and not self.uses_8bit_state(p):
+                    raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="8-bit", now="adamw_8bit=False"))
+                if "state1" not in state and self.uses_8bit_state(p):
+                    raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="32-bit", now="adamw_8bit=True"))
+
     def _adamw_8bit_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW with 8-bit blockwise moments, one parameter at a time (bitsandbytes' kernel)."""
         from bitsandbytes.functional import create_dynamic_map, optimizer_update_8bit_blockwise
 
-        if any(self.state[p] and "state1" not in self.state[p] for p in params):  # before any update
-            raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="32-bit", now="adamw_8bit=True"))
         beta1, beta2 = group["betas"]
         lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
         for p in params:
@@ -786,6 +794,7 @@ def _restore_exact_state(optimizer: torch.optim.Optimizer) -> None:
             state[key] = value.detach().to(device=device, copy=True)
     if isinstance(optimizer, APOLLO):
         optimizer._projection_cache.clear()
+        optimizer._check_adamw_state_layout()
 
 
 def _is_plain_tensor(value: Any) -> bool:
