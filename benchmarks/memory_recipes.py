@@ -11,7 +11,7 @@ APOLLO-Mini                 ``APOLLOMini`` (rank 1, tensor-wise scaling); embedd
 + INT8 weights              and the blocks' linear weights in INT8, trained with stochastic
                             rounding (``quantize_linear_weights``)
 + checkpointing, chunked    and every block checkpointed, and the LM head + loss computed 256
-  loss                      tokens at a time (``chunked_cross_entropy``: no full logits)
+  loss                      tokens at a time (``chunked_causal_lm_loss``: no full logits)
 all                         and the embeddings' and head's AdamW moments in 8 bits
                             (``APOLLOMini(adamw_8bit=True)``): every technique at once
 ==========================  =====================================================================
@@ -154,7 +154,7 @@ def run_recipe(name: str, shape: dict[str, int]) -> dict[str, Any]:
     import bitsandbytes  # noqa: F401  (imported by every row, so that "before the model" is the same)
     import torch
 
-    from lightning_memopt.layers import apply_activation_checkpointing, chunked_cross_entropy
+    from lightning_memopt.layers import apply_activation_checkpointing, chunked_causal_lm_loss
     from lightning_memopt.layers.checkpointing import measure_activation_bytes
     from lightning_memopt.memory import PeakMemory, breakdown
     from lightning_memopt.memory.peak import current_rss_bytes
@@ -201,8 +201,7 @@ def run_recipe(name: str, shape: dict[str, int]) -> dict[str, Any]:
     def forward_loss() -> torch.Tensor:
         if not recipe.chunked_loss:
             return model(input_ids=tokens, labels=tokens).loss
-        hidden = model.model(input_ids=tokens).last_hidden_state
-        return chunked_cross_entropy(hidden, model.lm_head.weight, tokens, LOSS_CHUNK_TOKENS)
+        return chunked_causal_lm_loss(model, tokens, chunk_size=LOSS_CHUNK_TOKENS)
 
     def train_step() -> float:
         loss = forward_loss()

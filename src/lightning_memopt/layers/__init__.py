@@ -11,7 +11,7 @@ Example:
 
 from .blocks import find_transformer_blocks, transformer_block_classes
 from .checkpointing import apply_activation_checkpointing, is_activation_checkpointed, remove_activation_checkpointing
-from .chunked_loss import chunked_cross_entropy
+from .chunked_loss import chunked_causal_lm_loss, chunked_cross_entropy
 from .early_exit import (
     EarlyExits,
     add_early_exits,
@@ -42,6 +42,7 @@ __all__ = [
     "active_parameters",
     "add_early_exits",
     "apply_activation_checkpointing",
+    "chunked_causal_lm_loss",
     "chunked_cross_entropy",
     "early_exit_forward",
     "early_exit_generate",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["chunked_cross_entropy"]
+__all__ = ["chunked_causal_lm_loss", "chunked_cross_entropy"]
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -137,3 +137,36 @@ def chunked_cross_entropy(
     counted = (targets != ignore_index).sum()
     total = _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
     return total / counted
+
+
+def chunked_causal_lm_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, chunk_size: int = 1024
+) -> torch.Tensor:
+    """A Hugging Face causal LM's next-token loss through :func:`chunked_cross_entropy`: the
+    decoder's last hidden state (``model.get_decoder()``), then its LM head
+    (``model.get_output_embeddings()``) and the loss, ``chunk_size`` tokens at a time.
+
+    Only for models whose logits are the LM head applied to that hidden state (LLaMA, Mistral,
+    Qwen2/3), not those that transform, scale or soft-cap them first.
+
+    Raises:
+        ValueError: when the LM head is a sharded DTensor (FSDP): only the model's own forward
+            gathers it.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+        ...                                      num_hidden_layers=1, num_attention_heads=2))
+        >>> ids = torch.randint(0, 50, (2, 8))
+        >>> torch.allclose(chunked_causal_lm_loss(model, ids, chunk_size=3), model(ids, labels=ids).loss, atol=1e-5)
+        True
+    """
+    head = model.get_output_embeddings()
+    if callable(getattr(head.weight, "to_local", None)):
+        raise ValueError(
+            "chunked_causal_lm_loss cannot be used under FSDP (apollo_fsdp): the LM head is sharded and only the "
+            "model's own forward gathers it. Use the model's own loss (CausalLM: model.loss_chunk_size: null)."
+        )
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    labels = input_ids if labels is None else labels
+    return chunked_cross_entropy(hidden, head.weight, labels, chunk_size, bias=head.bias)

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_memopt.layers.chunked_loss import chunked_cross_entropy
+from lightning_memopt.layers.chunked_loss import chunked_causal_lm_loss
 from lightning_memopt.optim import APOLLOMini, apollo_param_groups
 
 from .llama import LLAMA_SIZES, PAPER_VOCAB_SIZE, build_llama
@@ -276,14 +276,7 @@ class CausalLM(LightningModule):
             return self(input_ids, labels=labels).loss
         if self.model is None:
             raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
-        head = self.model.get_output_embeddings()
-        if callable(getattr(head.weight, "to_local", None)):
-            raise ValueError(
-                "model.loss_chunk_size cannot be used under FSDP (apollo_fsdp): the LM head is sharded and only the "
-                "model's own forward gathers it. Set model.loss_chunk_size: null."
-            )
-        hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
-        return chunked_cross_entropy(hidden, head.weight, labels, self.loss_chunk_size, bias=head.bias)
+        return chunked_causal_lm_loss(self.model, input_ids, labels, self.loss_chunk_size)
 
     # -- steps -------------------------------------------------------------------------------------
 
