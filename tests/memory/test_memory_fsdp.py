@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_memopt.memory import MemoryTracker, breakdown
@@ -20,49 +18,39 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 6))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(rank: int, world: int, port: int, out: str) -> None:
+def _run(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        net = model()
-        for layer in net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(net)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        tracker = MemoryTracker(interval=1, report_path=Path(out) / "memory.json", table=False, plot=False)
-        tracker.start(net)
-        net(torch.randn(4, 16)).sum().backward()
-        tracker.on_gradients(net, 0)
-        grads = breakdown(net)
-        opt.step()
-        opt.zero_grad()
-        tracker.on_step_end(net, opt, 0)
-        after = breakdown(net, opt)
-        tracker.finish(net, opt)
-        result = {
-            "is_dtensor": type(next(net.parameters())).__name__ == "DTensor",
-            "params_bytes": after.params_bytes,
-            "numel": after.numel,
-            "grads_bytes": grads.grads_bytes,
-            "optimizer_state_bytes": after.optimizer_state_bytes,
-            "baseline_total": after.baseline.total_bytes,
-        }
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    net = model()
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    tracker = MemoryTracker(interval=1, report_path=Path(out) / "memory.json", table=False, plot=False)
+    tracker.start(net)
+    net(torch.randn(4, 16)).sum().backward()
+    tracker.on_gradients(net, 0)
+    grads = breakdown(net)
+    opt.step()
+    opt.zero_grad()
+    tracker.on_step_end(net, opt, 0)
+    after = breakdown(net, opt)
+    tracker.finish(net, opt)
+    result = {
+        "is_dtensor": type(next(net.parameters())).__name__ == "DTensor",
+        "params_bytes": after.params_bytes,
+        "numel": after.numel,
+        "grads_bytes": grads.grads_bytes,
+        "optimizer_state_bytes": after.optimizer_state_bytes,
+        "baseline_total": after.baseline.total_bytes,
+    }
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_sum_to_the_whole(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(_run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_fsdp2_shards_sum_to_the_whole(tmp_path: Path, run_ranks) -> None:
+    run_ranks(_run, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["is_dtensor"] for r in ranks)
 

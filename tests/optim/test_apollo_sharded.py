@@ -7,14 +7,9 @@ wide matrix whose columns split unevenly (3 x 9: 5 + 4 columns of the moments).
 
 from __future__ import annotations
 
-import os
-import socket
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_memopt.optim import APOLLO, APOLLOMini, LayerwiseOptimizer, apollo_param_groups
@@ -32,27 +27,6 @@ CONFIGS = {
     "apollo_mini": (APOLLOMini, {"update_proj_gap": 2, "lr": 0.01}),
     "apollo_tensor_rank3": (APOLLO, {"rank": 3, "scale_type": "tensor", "weight_decay": 0.1}),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, *args, world_size: int = 2) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked gloo processes."""
-    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="fork")
 
 
 def make_model() -> nn.Module:
@@ -134,7 +108,7 @@ def _check_equivalence(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_apollo_matches_single_device() -> None:
+def test_sharded_apollo_matches_single_device(run_ranks) -> None:
     """APOLLO channel (both orientations), without limiter, APOLLO-Mini and a tensor-wise rank 3:
     5 steps on 2 ranks equal 5 steps on one device, weights and (global) optimizer state; also
     with layer-wise updates."""
@@ -195,7 +169,7 @@ def _resume_on_one_rank(rank: int, world_size: int, folder: str) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_state_memory_nan_agreement_and_reshard_2_to_1(tmp_path) -> None:
+def test_sharded_state_memory_nan_agreement_and_reshard_2_to_1(tmp_path, run_ranks) -> None:
     """Moments are split across ranks; a NaN on one rank skips the step everywhere; a
     2-rank distributed checkpoint resumes on 1 rank and continues the run exactly."""
     folder = str(tmp_path / "dcp")

@@ -273,41 +273,35 @@ def test_invalid_arguments_are_rejected_with_the_value() -> None:
 
 
 # ---------------------------------------------------------------------------- DDP (2 CPU processes, gloo)
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, accumulation: int, naive: bool) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for layerwise in (False, True):
-            torch.manual_seed(0)
-            model = TinyLM()
-            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)  # several buckets
-            inner = make_optimizer("apollo", model)
-            opt = LayerwiseOptimizer(inner, accumulation_steps=accumulation, ddp=not naive) if layerwise else inner
-            data = batches(3 * accumulation, seed=100 + rank)  # each rank sees different data
-            for i, tokens in enumerate(data):
-                boundary = (i + 1) % accumulation == 0
-                if boundary:
+def _ddp_worker(rank: int, world: int, out_dir: str, accumulation: int, naive: bool) -> None:
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        model = TinyLM()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)  # several buckets
+        inner = make_optimizer("apollo", model)
+        opt = LayerwiseOptimizer(inner, accumulation_steps=accumulation, ddp=not naive) if layerwise else inner
+        data = batches(3 * accumulation, seed=100 + rank)  # each rank sees different data
+        for i, tokens in enumerate(data):
+            boundary = (i + 1) % accumulation == 0
+            if boundary:
+                (ddp(tokens) / accumulation).backward()
+                opt.step()
+                opt.zero_grad()
+            else:
+                with ddp.no_sync():
                     (ddp(tokens) / accumulation).backward()
-                    opt.step()
-                    opt.zero_grad()
-                else:
-                    with ddp.no_sync():
-                        (ddp(tokens) / accumulation).backward()
-            torch.save(model.state_dict(), os.path.join(out_dir, f"{'lw' if layerwise else 'ref'}{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        torch.save(model.state_dict(), os.path.join(out_dir, f"{'lw' if layerwise else 'ref'}{rank}.pt"))
 
 
-def _run_ddp(tmp_path, naive: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), 2, naive), nprocs=2)
+def _run_ddp(run_ranks, tmp_path, naive: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    run_ranks(_ddp_worker, str(tmp_path), 2, naive)
     return {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("ref0", "ref1", "lw0", "lw1")}
 
 
 @pytest.mark.slow
-def test_ddp_layerwise_sees_reduced_gradients(tmp_path) -> None:
+def test_ddp_layerwise_sees_reduced_gradients(tmp_path, run_ranks) -> None:
     """2 processes, gloo, different data per rank, accumulation 2 (no_sync on the first micro-batch)."""
-    states = _run_ddp(tmp_path)
+    states = _run_ddp(run_ranks, tmp_path)
     for key, value in states["ref0"].items():
         torch.testing.assert_close(states["ref1"][key], value, rtol=0, atol=0)  # DDP keeps ranks in sync
         torch.testing.assert_close(states["lw0"][key], value, rtol=0, atol=0)

@@ -8,7 +8,6 @@ so each Trainer runs in place instead of re-launching pytest. Several checks sha
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
@@ -127,36 +124,6 @@ def assert_same_weights(model: nn.Module, expected: nn.Module, what: str) -> Non
         torch.testing.assert_close(full.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"{what}: {name}")
 
 
-# ---------------------------------------------------------------------- forked ranks
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LIGHTNING_TEST_WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)
-    try:
-        fn(rank, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(fn, *args, world_size: int = 2) -> None:
-    """Run ``fn(rank, *args)`` in ``world_size`` forked processes that Lightning sees as launched ranks."""
-    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="fork")
-
-
 # ---------------------------------------------------------------------- registration, construction
 def test_names_are_registered_with_their_options() -> None:
     assert set(STRATEGY_NAMES) <= set(StrategyRegistry)
@@ -256,7 +223,7 @@ def test_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------- training on ranks
-def _train_two_ranks(rank: int, root: str) -> None:
+def _train_two_ranks(rank: int, world_size: int, root: str) -> None:
     # Same weights as one device after 2 epochs (8 steps), per optimizer.
     configs = {
         "apollo channel": {"optimizer": "apollo"},
@@ -301,7 +268,7 @@ def _train_two_ranks(rank: int, root: str) -> None:
     assert_same_weights(resumed, reference(2), "2 ranks resumed from a full checkpoint")
 
 
-def _train_one_rank(rank: int, root: str) -> None:
+def _train_one_rank(rank: int, world_size: int, root: str) -> None:
     # 2 -> 1: the 2-rank checkpoint resumes on one rank (same global batch) and continues the run.
     model = TinyModel(init_seed=1)
     make_trainer(root, epochs=2).fit(model, ckpt_path=f"{root}/two_ranks.ckpt")
@@ -350,7 +317,7 @@ def _train_one_rank(rank: int, root: str) -> None:
         make_trainer(root, epochs=1).fit(Flat())
 
 
-def _resume_two_ranks_from_one(rank: int, root: str) -> None:
+def _resume_two_ranks_from_one(rank: int, world_size: int, root: str) -> None:
     model = TinyModel(init_seed=1)
     make_trainer(root, epochs=2).fit(model, ckpt_path=f"{root}/one_rank.ckpt")
     assert model.steps_run == SAMPLES // GLOBAL_BATCH
@@ -358,11 +325,12 @@ def _resume_two_ranks_from_one(rank: int, root: str) -> None:
 
 
 @pytest.mark.slow
-def test_apollo_fsdp_trains_resumes_reshards_and_consolidates(tmp_path) -> None:
+def test_apollo_fsdp_trains_resumes_reshards_and_consolidates(tmp_path, run_ranks) -> None:
     root = str(tmp_path)
-    run_ranks(_train_two_ranks, root)
-    run_ranks(_train_one_rank, root, world_size=1)
-    run_ranks(_resume_two_ranks_from_one, root)
+    # Lightning creates the process group in each rank.
+    run_ranks(_train_two_ranks, root, init_process_group=False)
+    run_ranks(_train_one_rank, root, world_size=1, init_process_group=False)
+    run_ranks(_resume_two_ranks_from_one, root, init_process_group=False)
 
     # Consolidated for inference: one file that load_from_checkpoint reads, weights after epoch 1.
     single = consolidate_checkpoint(tmp_path / "two_ranks.ckpt", tmp_path / "model.pt")

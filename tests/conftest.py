@@ -1,0 +1,84 @@
+"""Shared fixture of the multi-process tests: ``run_ranks`` forks gloo ranks on the CPU.
+
+Every distributed test goes through it so that each one tears its process group down the same
+safe way. It is handed to tests as a fixture, never imported, so that no test depends on which
+``conftest`` module is first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(
+    rank: int, fn: Callable[..., None], world_size: int, port: int, store: str, init: bool, args: tuple
+) -> None:
+    # Lightning reads these to run a Trainer in place as an already launched rank.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LIGHTNING_TEST_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    if init:
+        # A file store: no TCP server living in rank 0 that the other rank still needs at exit.
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
+    fn(rank, world_size, *args)
+    if dist.is_initialized():
+        # Models sharded by FSDP2 (DeviceMesh) or wrapped by DDP keep a reference to the process
+        # group, often in reference cycles. If one outlives destroy_process_group, gloo's
+        # threads are torn down during interpreter shutdown instead, and the process can abort
+        # ("terminate called without an active exception", SIGABRT) while its peer exits.
+        # So: free them, wait for every rank, then destroy the group while all are alive.
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def run_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., None]:
+    """``run_ranks(fn, *args, world_size=2, init_process_group=True)`` runs
+    ``fn(rank, world_size, *args)`` in ``world_size`` forked processes and fails if any fails.
+
+    With ``init_process_group=True`` each rank joins a gloo group first; with ``False`` the
+    ranks only get Lightning's launcher variables, and the Trainer creates the group.
+
+    Example::
+
+        def test_sum(run_ranks):
+            run_ranks(_check_sum)  # _check_sum(rank, world_size) asserts inside each rank
+    """
+
+    def launch(fn: Callable[..., None], *args: Any, world_size: int = 2, init_process_group: bool = True) -> None:
+        store = Path(tmp_path_factory.mktemp("gloo_store")) / "store"
+        mp.start_processes(
+            _rank_entry,
+            args=(fn, world_size, _free_port(), str(store), init_process_group, args),
+            nprocs=world_size,
+            start_method="fork",
+        )
+
+    return launch
