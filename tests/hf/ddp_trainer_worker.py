@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hf_helpers import inner_optimizer, random_dataset, tiny_bert, training_args
+from hf_helpers import end_process_group, inner_optimizer, random_dataset, tiny_bert, training_args
 from transformers import Trainer
 
 import lightning_memopt  # noqa: F401  (registers optim="apollo" & co.)
@@ -58,3 +58,4 @@ def main(output_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_process_group()

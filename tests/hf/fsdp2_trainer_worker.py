@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
-from hf_helpers import inner_optimizer, random_dataset, tiny_bert, training_args
+from hf_helpers import end_process_group, inner_optimizer, random_dataset, tiny_bert, training_args
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
@@ -49,3 +49,4 @@ def main(output_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_process_group()

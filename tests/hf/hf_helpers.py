@@ -86,3 +86,19 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def inner_optimizer(trainer: Any) -> torch.optim.Optimizer:
     """The optimizer the Trainer built (accelerate wraps it in an ``AcceleratedOptimizer``)."""
     return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+
+def end_process_group() -> None:
+    """Destroy a torchrun worker's process group while every rank is still alive.
+
+    Call it after the Trainers are gone: a DDP/FSDP model keeps the group alive, and a gloo
+    group torn down at interpreter exit, while a peer exits, can abort the process (SIGABRT).
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
