@@ -18,7 +18,12 @@ bnb = pytest.importorskip("bitsandbytes", reason="adamw_8bit needs bitsandbytes 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_8bit_params_match_bitsandbytes_adamw8bit(make_llama, make_batches, train_step):
+# None: each tensor in one kernel call; 1024, 1280 elements: the CPU update goes slice by slice
+# (4 or 5 quantisation blocks, the last slice shorter) and must give the same bits.
+@pytest.mark.parametrize("cpu_chunk", [None, 1024, 1280])
+def test_8bit_params_match_bitsandbytes_adamw8bit(make_llama, make_batches, train_step, monkeypatch, cpu_chunk):
+    if cpu_chunk is not None:
+        monkeypatch.setattr("lightning_memopt.optim.apollo._CPU_8BIT_CHUNK", cpu_chunk)
     batches = make_batches(4, 2, 16)
     ours_model, ref_model = make_llama(seed=0), make_llama(seed=0)
     # Only the 8-bit parameters (embeddings, head) train, so that both optimizers see the same

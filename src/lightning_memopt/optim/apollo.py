@@ -64,6 +64,11 @@ _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm", "state1", "state2", "ab
 # the moments are quantised in blocks of this many elements (its blockwise kernel's block).
 MIN_8BIT_SIZE = 4096
 _BLOCK_8BIT = 256
+# bitsandbytes' CPU kernel dequantises the whole tensor and makes full-size float32 temporaries
+# (about five: both moments, a gradient copy, the denominator): 400 MiB for a 32000 x 640 LM
+# head, more than the head's whole 8-bit state. Each quantisation block is independent, so
+# updating block-aligned slices in turn gives the same bits with 5 x 4 MiB of temporaries.
+_CPU_8BIT_CHUNK = 4096 * _BLOCK_8BIT
 _STATE_LAYOUT_MISMATCH = (
     "APOLLO: this optimizer state holds {saved} AdamW moments, but the optimizer has {now}; resume with "
     "the adamw_8bit setting the state was saved with."
@@ -132,6 +137,28 @@ def _frobenius_norm(matrix: torch.Tensor) -> torch.Tensor:
         flat = matrix.view(-1)
         return torch.dot(flat, flat).sqrt_()
     return torch.linalg.vector_norm(matrix)
+
+
+def _blockwise_chunks(
+    grad: torch.Tensor,
+    param: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+) -> list[tuple[torch.Tensor, ...]]:
+    """The 8-bit AdamW update's tensors as block-aligned slices of ``_CPU_8BIT_CHUNK`` elements
+    (views: updating them updates the whole), or whole when a slice would not be a view or
+    the kernel is fused (not on the CPU)."""
+    tensors = (grad, param, state1, state2)
+    if param.device.type != "cpu" or param.numel() <= _CPU_8BIT_CHUNK or not all(t.is_contiguous() for t in tensors):
+        return [(grad, param, state1, state2, absmax1, absmax2)]
+    flat = [t.view(-1) for t in tensors]
+    blocks = _CPU_8BIT_CHUNK // _BLOCK_8BIT
+    return [
+        (*(t[start : start + _CPU_8BIT_CHUNK] for t in flat), absmax1[b : b + blocks], absmax2[b : b + blocks])
+        for b, start in ((start // _BLOCK_8BIT, start) for start in range(0, param.numel(), _CPU_8BIT_CHUNK))
+    ]
 
 
 def _channel_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
@@ -547,25 +574,28 @@ class APOLLO(torch.optim.Optimizer):
                 state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=device)
                 state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=device)
             state["step"] += 1
-            optimizer_update_8bit_blockwise(
-                "adam",
-                p.grad,
-                p,
-                state["state1"],
-                state["state2"],
-                beta1,
-                beta2,
-                0.0,
-                0.0,
-                group["eps"],
-                int(state["step"]),
-                lr,
-                signed_map,
-                unsigned_map,
-                state["absmax1"],
-                state["absmax2"],
-                weight_decay=group["weight_decay"],
-            )
+            step = int(state["step"])
+            tensors = (p.grad, p, state["state1"], state["state2"], state["absmax1"], state["absmax2"])
+            for grad, weight, state1, state2, absmax1, absmax2 in _blockwise_chunks(*tensors):
+                optimizer_update_8bit_blockwise(
+                    "adam",
+                    grad,
+                    weight,
+                    state1,
+                    state2,
+                    beta1,
+                    beta2,
+                    0.0,
+                    0.0,
+                    group["eps"],
+                    step,
+                    lr,
+                    signed_map,
+                    unsigned_map,
+                    absmax1,
+                    absmax2,
+                    weight_decay=group["weight_decay"],
+                )
 
     def _project_gradients(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Projected:
         """``R = G Pᵀ`` (m >= n) or ``Pᵀ G`` (m < n) for the coming step of each matrix, and the
