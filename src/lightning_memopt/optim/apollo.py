@@ -154,11 +154,14 @@ def _blockwise_chunks(
     if param.device.type != "cpu" or param.numel() <= _CPU_8BIT_CHUNK or not all(t.is_contiguous() for t in tensors):
         return [(grad, param, state1, state2, absmax1, absmax2)]
     flat = [t.view(-1) for t in tensors]
-    blocks = _CPU_8BIT_CHUNK // _BLOCK_8BIT
-    return [
-        (*(t[start : start + _CPU_8BIT_CHUNK] for t in flat), absmax1[b : b + blocks], absmax2[b : b + blocks])
-        for b, start in ((start // _BLOCK_8BIT, start) for start in range(0, param.numel(), _CPU_8BIT_CHUNK))
-    ]
+    blocks_per_chunk = _CPU_8BIT_CHUNK // _BLOCK_8BIT
+    chunks = []
+    for start in range(0, param.numel(), _CPU_8BIT_CHUNK):
+        first_block = start // _BLOCK_8BIT
+        elements = slice(start, start + _CPU_8BIT_CHUNK)
+        blocks = slice(first_block, first_block + blocks_per_chunk)
+        chunks.append((*(t[elements] for t in flat), absmax1[blocks], absmax2[blocks]))
+    return chunks
 
 
 def _channel_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
