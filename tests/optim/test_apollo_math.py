@@ -23,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Tall (m >= n: R = G Pᵀ, channels are rows), wide (m < n: R = Pᵀ G, channels are columns), square.
 SHAPES = [(12, 5), (6, 14), (7, 7)]
+# Wide, with more rows than the CPU's column norms square at once (64; see _channel_norms).
+MANY_ROWS_WIDE = (70, 90)
 
 
 def make_problem(steps: int, shapes=SHAPES, seed: int = 0, growth: float = 1.0):
@@ -133,8 +135,20 @@ def test_several_steps_match_reference(scale_type, limiter, weight_decay):
         weight_decay=weight_decay,
         betas=(0.8, 0.95),
     )
-    weights, grads = make_problem(steps=5, growth=1.5)
+    weights, grads = make_problem(steps=5, shapes=[*SHAPES, MANY_ROWS_WIDE], growth=1.5)
     params, optimizer = run_optimizer(APOLLO, weights, grads, **options)
+    expected = reference_apollo(weights, grads, seeds_of(optimizer, params), **options)
+    assert_matches_reference(params, expected)
+
+
+@pytest.mark.parametrize("limiter", [1.01, None], ids=["limiter", "no-limiter"])
+def test_channel_scaling_with_rank_above_64_matches_reference(limiter):
+    # Rank 66 on a wide matrix: R and N have 66 rows, so their column norms (the scaling
+    # factors) are summed in slices of 64 rows on the CPU, as the gradient's (70 rows) are.
+    options = dict(lr=0.05, rank=66, scale_type="channel", update_proj_gap=2, norm_growth_limit=limiter)
+    weights, grads = make_problem(steps=3, shapes=[MANY_ROWS_WIDE], growth=1.5)
+    params, optimizer = run_optimizer(APOLLO, weights, grads, **options)
+    assert optimizer.state[params[0]]["exp_avg"].shape == (66, 90)
     expected = reference_apollo(weights, grads, seeds_of(optimizer, params), **options)
     assert_matches_reference(params, expected)
 

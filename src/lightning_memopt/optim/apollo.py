@@ -69,6 +69,9 @@ _BLOCK_8BIT = 256
 # head, more than the head's whole 8-bit state. Each quantisation block is independent, so
 # updating block-aligned slices in turn gives the same bits with 5 x 4 MiB of temporaries.
 _CPU_8BIT_CHUNK = 4096 * _BLOCK_8BIT
+# Rows per slice when _channel_norms sums squared columns on the CPU (a slice's squares stay
+# in the cache).
+_COLUMN_NORM_ROWS = 64
 _STATE_LAYOUT_MISMATCH = (
     "APOLLO: this optimizer state holds {saved} AdamW moments, but the optimizer has {now}; resume with "
     "the adamw_8bit setting the state was saved with."
@@ -167,9 +170,17 @@ def _blockwise_chunks(
 def _channel_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     """Euclidean norms of ``matrix`` along ``dim``, keeping the reduced dimension."""
     if dim == 0 and matrix.dtype in (torch.float32, torch.float64):
-        # vector_norm reduces the leading dimension of a row-major matrix ~10x slower on the
+        # vector_norm reduces the leading dimension of a row-major matrix ~7x slower on the
         # CPU than summing its squared rows.
-        return matrix.square().sum(dim=0, keepdim=True).sqrt_()
+        if matrix.device.type != "cpu" or matrix.shape[0] <= _COLUMN_NORM_ROWS:
+            return matrix.square().sum(dim=0, keepdim=True).sqrt_()
+        # On the CPU, a few rows at a time: squaring the whole matrix at once allocates a
+        # temporary of its size, whose fresh pages cost the optimizer step several times
+        # the arithmetic (measured: 3.4 ms instead of 0.6 for a 768 x 2048 gradient).
+        total = torch.zeros((1, matrix.shape[1]), dtype=matrix.dtype, device=matrix.device)
+        for start in range(0, matrix.shape[0], _COLUMN_NORM_ROWS):
+            total += matrix[start : start + _COLUMN_NORM_ROWS].square().sum(dim=0, keepdim=True)
+        return total.sqrt_()
     return torch.linalg.vector_norm(matrix, dim=dim, keepdim=True)
 
 
