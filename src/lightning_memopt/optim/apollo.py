@@ -65,7 +65,7 @@ _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm", "state1", "state2", "ab
 MIN_8BIT_SIZE = 4096
 _BLOCK_8BIT = 256
 # bitsandbytes' CPU kernel dequantises the whole tensor and makes full-size float32 temporaries
-# (about five: both moments, a gradient copy, the denominator): 400 MiB for a 32000 x 640 LM
+# (about five: both moments, a gradient copy, the denominator): 390 MiB for a 32000 x 640 LM
 # head, more than the head's whole 8-bit state. Each quantisation block is independent, so
 # updating block-aligned slices in turn gives the same bits with 5 x 4 MiB of temporaries.
 _CPU_8BIT_CHUNK = 4096 * _BLOCK_8BIT
