@@ -1,8 +1,8 @@
-"""Shared fixture of the multi-process tests: ``run_ranks`` forks gloo ranks on the CPU.
+"""Fixtures shared by every test folder: ``single_thread`` and ``run_ranks`` (forked gloo ranks).
 
-Every distributed test goes through it so that each one tears its process group down the same
-safe way. It is handed to tests as a fixture, never imported, so that no test depends on which
-``conftest`` module is first on ``sys.path``.
+Every distributed test goes through ``run_ranks`` so that each one tears its process group down
+the same safe way. Both are handed to tests as fixtures, never imported, so that no test depends
+on which ``conftest`` module is first on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for the tiny models: as fast as two, and far faster when the
+    machine's cores are shared (OpenMP's spinning threads then wait on each other).
+
+    Example::
+
+        pytestmark = pytest.mark.usefixtures("single_thread")
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _free_port() -> int:

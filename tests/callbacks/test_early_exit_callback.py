@@ -19,13 +19,9 @@ from lightning_memopt.models import CausalLM
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, tmp_path_factory):
+def _isolated(tmp_path, monkeypatch, tmp_path_factory, single_thread):
     monkeypatch.setenv("LIGHTNING_MEMOPT_CACHE", str(tmp_path_factory.getbasetemp() / "memopt_cache"))
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def data() -> TextDataModule:

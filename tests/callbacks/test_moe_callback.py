@@ -3,7 +3,6 @@ logging, modality ids from the batch, and checkpoint save and resume."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -21,12 +20,8 @@ from lightning_memopt.optim import APOLLOMini
 SMALL = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is as fast, and far faster on a shared, loaded machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def text_batches(batches: int = 6, modality: int | None = None) -> DataLoader:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hf_helpers import prose_and_code, tokenized
 
 import lightning_memopt  # noqa: F401  (registers optim="apollo" & co.)
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread() -> Iterator[None]:
-    """One intra-op thread: these models are small, and OpenMP threads that wait for a busy
-    CPU (a loaded CI machine, tests run side by side) make a step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_cpu_thread(single_thread: None) -> None:
+    """Every HF test on one intra-op thread (``single_thread``): these models are small."""
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,8 @@ from lightning_memopt.models import build_llama
 VOCAB, LAYERS = 257, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is as fast and robust on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is as fast, and far faster on a shared, loaded machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(seed: int = 0, **overrides) -> nn.Module:

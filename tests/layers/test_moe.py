@@ -4,7 +4,6 @@ modality groups, and training on real text."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,14 +23,8 @@ from lightning_memopt.layers import (
 from lightning_memopt.models import build_llama
 from lightning_memopt.optim import APOLLOMini, apollo_param_groups
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is as fast, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is as fast, and far faster on a shared, loaded machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_layer(seed: int = 0, **kwargs) -> MoELayer:

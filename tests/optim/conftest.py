@@ -53,16 +53,6 @@ def lm_step(model, optimizer, tokens: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def single_thread():
-    """One intra-op thread for the tiny models: as fast as two, and far faster when the
-    machine's cores are shared (OpenMP's spinning threads then wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def make_llama():
     return tiny_llama
 

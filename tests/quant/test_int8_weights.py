@@ -24,14 +24,8 @@ from lightning_memopt.quant import (
     stochastic_round,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is as fast, and robust on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is as fast, and far faster on a shared, loaded machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def expanded_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
