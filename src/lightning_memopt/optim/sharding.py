@@ -344,8 +344,9 @@ def apollo_step_sharded(optimizer: APOLLO, group: dict[str, Any], params: Sequen
                 partial.append((factor * _channel_norms(grad, dim)).float().square().sum().reshape(1))
             else:
                 partial.append((factor.float().square() * grad.float().square().sum()).reshape(1))
-        update_norms = [total.sqrt().reshape(()) for total in all_reduce_sums(layouts, partial)]
-        optimizer._apply_norm_limiter(update_norms, factors, states, limit)
+        update_norms = torch.stack([total.sqrt().reshape(()) for total in all_reduce_sums(layouts, partial)])
+        limiters = optimizer._norm_limiters(update_norms, states, limit).unbind()
+        torch._foreach_div_(factors, [lim.to(f.dtype) for lim, f in zip(limiters, factors)])
 
     weights = [local_view(p) for p in params]
     if weight_decay != 0.0:
