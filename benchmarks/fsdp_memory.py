@@ -172,6 +172,7 @@ def run_world(shape_name: str, optimizers: list[str], out: Path) -> None:
             "grads_bytes": measure.grads_bytes,
             "optimizer_state_bytes": memory.optimizer_state_bytes,
             "projection_cache_bytes": memory.projection_cache_bytes,
+            "workspace_bytes": memory.workspace_bytes,
             "low_rank_state_bytes": low_rank_state,
             "low_rank_local_numel": sum(local_view(p).numel() for p in low_rank),
             "sharded": type(next(model.parameters())).__name__ == "DTensor",
@@ -201,7 +202,13 @@ def summarize(per_rank: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not ranks:
                 continue
             row = {"optimizer": name, "label": OPTIMIZERS[name], "world_size": world_size, "params": ranks[0]["params"]}
-            for key in ("params_bytes", "grads_bytes", "optimizer_state_bytes", "projection_cache_bytes"):
+            for key in (
+                "params_bytes",
+                "grads_bytes",
+                "optimizer_state_bytes",
+                "projection_cache_bytes",
+                "workspace_bytes",
+            ):
                 row[key] = max(r[key] for r in ranks)
             row["low_rank_state_bytes"] = max(r["low_rank_state_bytes"] for r in ranks)
             row["tokens_per_s"] = next(r["tokens_per_s"] for r in ranks if r["rank"] == 0)

@@ -133,9 +133,15 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def extra_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Memory an optimizer holds outside its state dict (our cached projections)."""
+    """Memory an optimizer holds outside its state dict: our cached projections."""
     optimizer = getattr(optimizer, "optimizer", optimizer)
     return optimizer.projection_cache_bytes() if isinstance(optimizer, APOLLO) else 0
+
+
+def workspace_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Scratch memory an optimizer keeps between steps: our step workspace (CPU only)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return optimizer.workspace_bytes() if isinstance(optimizer, APOLLO) else 0
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -270,6 +276,7 @@ def measure(shape_name: str, repeats: int, warmup: int, only: Iterable[str] | No
                 "state_bytes": nbytes,
                 "state_ratio_to_adamw_fused": nbytes / base_state,
                 "extra_bytes": extra_bytes(optimizer),
+                "workspace_bytes": workspace_bytes(optimizer),
             }
         )
     low_rank_numel = sum(p.numel() for p in ps.low_rank)
@@ -321,15 +328,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{record['low_rank_params'] / 1e6:.1f}M in low-rank matrices)",
             "",
             "| optimizer | step (ms) | x fused AdamW | CPU time x fused AdamW | state (MiB) | x fused AdamW "
-            "| projection cache (MiB) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| projection cache (MiB) | step workspace (MiB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in record["results"]:
             lines.append(
                 f"| {r['description']} | {r['step_ms_median']:.1f} | {r['ratio_to_adamw_fused']:.2f} | "
                 f"{r['cpu_ratio_to_adamw_fused']:.2f} | "
                 f"{r['state_bytes'] / 2**20:.1f} | {r['state_ratio_to_adamw_fused']:.3f} | "
-                f"{r['extra_bytes'] / 2**20:.1f} |"
+                f"{r['extra_bytes'] / 2**20:.1f} | {r['workspace_bytes'] / 2**20:.1f} |"
             )
         checks = targets(record)
         if checks:

@@ -64,7 +64,8 @@ def main() -> None:
     for size, result in rows:
         adamw, mini = result["adamw"], result["apollo_mini"]
         adamw_total = adamw.params_bytes + adamw.grads_bytes + adamw.optimizer_state_bytes
-        mini_total = mini.params_bytes + mini.grads_bytes + mini.optimizer_state_bytes + mini.projection_cache_bytes
+        # What APOLLO-Mini holds outside its state (projection cache, CPU step workspace) counts too.
+        mini_total = mini.savings()["total"].measured_bytes
         cells = (
             size,
             f"{adamw.numel / 1e6:,.0f}M" if adamw.numel >= 1e7 else f"{adamw.numel / 1e6:.1f}M",

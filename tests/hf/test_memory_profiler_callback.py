@@ -18,6 +18,7 @@ COMPARED = (
     "optimizer_state_bytes",
     "buffers_bytes",
     "projection_cache_bytes",
+    "workspace_bytes",
     "adamw_baseline_bytes",
     "saving_bytes",
 )

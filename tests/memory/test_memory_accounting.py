@@ -27,7 +27,7 @@ def test_fp32_params_buffers_and_baseline() -> None:
     assert b.params_by_dtype == {"float32": 4 * numel}
     # running_mean + running_var (fp32) + num_batches_tracked (int64 scalar)
     assert b.buffers_bytes == 2 * 8 * 4 + 8
-    assert (b.grads_bytes, b.optimizer_state_bytes, b.projection_cache_bytes) == (0, 0, 0)
+    assert (b.grads_bytes, b.optimizer_state_bytes, b.projection_cache_bytes, b.workspace_bytes) == (0, 0, 0, 0)
     assert b.numel == b.trainable_numel == numel
     assert b.baseline == AdamWBaseline(4 * numel, 4 * numel, 8 * numel)
     assert b.bytes_by_device == {"cpu": b.params_bytes + b.buffers_bytes}
@@ -139,9 +139,41 @@ def test_apollo_projection_cache_is_its_own_line() -> None:
     low_rank = 2 * 4 * 4 * 128 + 8 + 4 + 4  # moments r x max(m,n), seed int64, prev_update_norm, step
     adamw = 2 * 4 * (128 + 8 * 128 + 8) + 3 * 4
     assert b.optimizer_state_bytes == low_rank + adamw
-    assert b.static_bytes == b.params_bytes + b.grads_bytes + b.optimizer_state_bytes + b.projection_cache_bytes
+    held = b.projection_cache_bytes + b.workspace_bytes  # outside the state, still the optimizer's
+    assert b.static_bytes == b.params_bytes + b.grads_bytes + b.optimizer_state_bytes + held
     total = b.savings()["total"]
-    assert total.measured_bytes == b.params_bytes + b.grads_bytes + b.optimizer_state_bytes + b.projection_cache_bytes
+    assert total.measured_bytes == b.params_bytes + b.grads_bytes + b.optimizer_state_bytes + held
+
+
+def test_apollo_step_workspace_is_its_own_line() -> None:
+    # Weights 96x80 and 120x70 are tall, 70x96 is wide: both projection sides take scratch.
+    model = nn.Sequential(nn.Linear(80, 96), nn.ReLU(), nn.Linear(96, 70), nn.ReLU(), nn.Linear(70, 120))
+    opt = APOLLO(apollo_param_groups(model, target_modules="all-linear"), lr=1e-2, rank=8)
+    before = breakdown(model, opt)
+    assert before.workspace_bytes == opt.workspace_bytes() == 0  # no step, no scratch yet
+    model(torch.randn(4, 80)).sum().backward()
+    opt.step()
+    b = breakdown(model, opt)
+    # Kept between steps on the CPU: real memory, reported as the optimizer reports it.
+    assert b.workspace_bytes == opt.workspace_bytes() > 0
+    assert b.static_bytes == (
+        b.params_bytes
+        + b.grads_bytes
+        + b.optimizer_state_bytes
+        + b.projection_cache_bytes
+        + b.workspace_bytes
+        + b.buffers_bytes
+    )
+    # The AdamW baseline holds no workspace: it counts against APOLLO's saving.
+    total = b.savings()["total"]
+    assert total.measured_bytes == (
+        b.params_bytes + b.grads_bytes + b.optimizer_state_bytes + b.projection_cache_bytes + b.workspace_bytes
+    )
+    assert b.to_dict()["workspace_bytes"] == b.workspace_bytes
+    # Summed over a list of optimizers, like the other categories.
+    assert breakdown(model, [opt, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)]).workspace_bytes == (
+        b.workspace_bytes
+    )
 
 
 def test_int8_weights_count_payload_and_scales() -> None:

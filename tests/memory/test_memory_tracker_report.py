@@ -201,3 +201,41 @@ def test_cuda_peak_activations_and_snapshot(tmp_path: Path) -> None:
     tracker.finish()
     assert (tmp_path / "cuda_memory_snapshot_rank0.pickle").stat().st_size > 0
     assert tracker.report["ranks"][0]["peak_source"] == "cuda_allocator"
+
+
+def test_apollo_step_workspace_is_recorded_and_counted() -> None:
+    from rich.console import Console
+
+    from lightning_memopt.memory.tracker import make_record
+    from lightning_memopt.optim import APOLLO, apollo_param_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = APOLLO(apollo_param_groups(model, target_modules=["0"], rank=4), lr=1e-3)
+    tracker = MemoryTracker(interval=1, report_path=None, table=False)
+    tracker.start(model)
+    for step in range(2):
+        model(torch.randn(8, 32)).pow(2).mean().backward()
+        tracker.on_gradients(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tracker.on_step_end(model, opt, step)
+    record = tracker.history[-1]
+    check_record(record)
+    assert record["workspace_bytes"] == opt.workspace_bytes() > 0
+    assert record["training_state_bytes"] == (
+        record["params_bytes"]
+        + record["grads_bytes"]
+        + record["optimizer_state_bytes"]
+        + record["projection_cache_bytes"]
+        + record["workspace_bytes"]
+    )
+    assert record["static_bytes"] == record["training_state_bytes"] + record["buffers_bytes"]
+    # The workspace sits on the parameters' device: it is not mistaken for activations.
+    measured = breakdown(model, opt)
+    on_device = measured.bytes_by_device["cpu"] + measured.projection_cache_bytes + measured.workspace_bytes
+    peak = {"device": "cpu", "peak_bytes": on_device + 1000}
+    assert make_record(0, measured, peak, device_overhead=0)["activations_estimate_bytes"] == 1000
+    console = Console(record=True, width=160)
+    console.print(render_table(tracker.finish()))
+    assert "step workspace" in console.export_text()

@@ -22,6 +22,7 @@ RESULT_KEYS = {
     "state_bytes",
     "state_ratio_to_adamw_fused",
     "extra_bytes",
+    "workspace_bytes",
 }
 
 
@@ -67,6 +68,9 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
     assert record["num_params"] == sum(numel(s) for s in all_shapes)
     mini = sum(2 * numel(s) * 4 + 4 for s in shapes["rest"]) + sum(2 * max(s) * 4 + 16 for s in shapes["low_rank"])
     assert rows["apollo_mini"]["state_bytes"] == mini
+    # Scratch kept between steps: ours on the CPU only, and never near a state's size.
+    assert rows["adamw_fused"]["workspace_bytes"] == 0
+    assert 0 < rows["apollo_r256"]["workspace_bytes"] < rows["apollo_r256"]["state_bytes"]
 
     table = (tmp_path / "optimizer_step.md").read_text()
     assert "| optimizer | step (ms) | x fused AdamW |" in table

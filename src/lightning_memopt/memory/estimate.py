@@ -13,7 +13,9 @@ State layouts (per trainable parameter, moments in the parameter's dtype unless
   (the random projection is regenerated from the seed; the norm-growth limiter keeps the last
   update norm), and ``step`` (fp32), which the paper leaves out for AdamW's ``2mn`` as well.
   With ``cache_projection=True`` the current projection (``r x min(m, n)``, the parameter's
-  dtype) is held too, reported as ``projection_cache_bytes``.
+  dtype) is held too, reported as ``projection_cache_bytes``. ``workspace_bytes`` (the scratch
+  buffers a step keeps on the CPU) stays 0: nothing is stepped, and the workspace's size
+  depends on how a step chunks the matrices, not on the state layout.
 - AdamW (APOLLO's non-low-rank parameters, ``adamw``): ``exp_avg`` and ``exp_avg_sq`` like
   the parameter (and ``max_exp_avg_sq`` with ``amsgrad``), plus ``step`` (fp32).
 - bitsandbytes 8-bit AdamW (``adamw8bit``): for a parameter of at least ``min_8bit_size``
@@ -223,6 +225,7 @@ def estimate(
         grads_bytes=grads_bytes,
         optimizer_state_bytes=sum(p.state_bytes for p in details) + shared_state_bytes,
         projection_cache_bytes=sum(p.projection_cache_bytes for p in details),
+        workspace_bytes=0,  # no step has run, so no step workspace exists
         source="estimate",
         parameters=details,
     )

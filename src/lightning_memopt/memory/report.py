@@ -11,7 +11,8 @@ JSON layout (``schema`` = :data:`REPORT_SCHEMA`)::
 A record is one measurement, with the keys of :data:`RECORD_KEYS` (all integers but the
 ratios, which are floats or null); the logged metric names are the same keys prefixed with
 ``memory/`` (``step`` is not a metric). ``training_state_bytes`` is params + grads +
-optimizer state + projection cache, what ``adamw_baseline_bytes`` is compared with
+optimizer state + projection cache + step workspace (APOLLO's scratch buffers kept between
+steps, on the CPU only), what ``adamw_baseline_bytes`` is compared with
 (``saving_bytes``, ``saving_ratio`` = saving / baseline); ``static_bytes`` adds the buffers;
 ``activations_estimate_bytes`` is the interval's peak minus the counted tensors on that
 device (and, on the CPU, minus what the process held before training). On CUDA a record also
@@ -40,6 +41,7 @@ RECORD_KEYS = (
     "grads_bytes",
     "optimizer_state_bytes",
     "projection_cache_bytes",
+    "workspace_bytes",
     "buffers_bytes",
     "static_bytes",
     "training_state_bytes",
@@ -63,6 +65,7 @@ _PLOT_CATEGORIES = (
     ("grads_bytes", "gradients"),
     ("optimizer_state_bytes", "optimizer state"),
     ("projection_cache_bytes", "projection cache"),
+    ("workspace_bytes", "step workspace"),
     ("buffers_bytes", "buffers"),
     ("activations_estimate_bytes", "activations (estimate)"),
 )
@@ -165,7 +168,7 @@ def render_table(report: Mapping[str, Any]) -> Any:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         caption="AdamW fp32: params and grads in fp32, two fp32 moments per trainable element. "
-        "total: params + grads + optimizer state + projection cache. "
+        "total: params + grads + optimizer state + projection cache + step workspace. "
         "activations: the interval's peak minus the counted tensors.",
     )
     table.add_column("category", no_wrap=True)
@@ -183,6 +186,7 @@ def render_table(report: Mapping[str, Any]) -> Any:
             "optimizer_state_saving_ratio",
         ),
         ("projection cache", "projection_cache_bytes", None, None),
+        ("step workspace", "workspace_bytes", None, None),
         ("buffers", "buffers_bytes", None, None),
         ("total", "training_state_bytes", "adamw_baseline_bytes", "saving_ratio"),
         (f"peak ({_PEAK_LABELS.get(source, source)})", "peak_bytes", None, None),

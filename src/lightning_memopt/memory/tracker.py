@@ -80,11 +80,13 @@ def make_record(step: int, measured: MemoryBreakdown, peak: dict[str, Any], devi
     savings = measured.savings()
     device = peak.get("device")
     # The counted tensors that the peak includes: those on the peak's device (APOLLO's
-    # projection cache lives beside the parameters), or all of them when no device is named.
+    # projection cache and step workspace live beside the parameters), or all of them when no
+    # device is named.
     if device is None:
         on_device = measured.static_bytes
     else:
-        on_device = measured.bytes_by_device.get(device, 0) + measured.projection_cache_bytes
+        held = measured.projection_cache_bytes + measured.workspace_bytes
+        on_device = measured.bytes_by_device.get(device, 0) + held
     peak_bytes = peak.get("peak_bytes")
     activations = None if peak_bytes is None else max(int(peak_bytes) - device_overhead - on_device, 0)
     record: dict[str, Any] = {
@@ -93,6 +95,7 @@ def make_record(step: int, measured: MemoryBreakdown, peak: dict[str, Any], devi
         "grads_bytes": measured.grads_bytes,
         "optimizer_state_bytes": measured.optimizer_state_bytes,
         "projection_cache_bytes": measured.projection_cache_bytes,
+        "workspace_bytes": measured.workspace_bytes,
         "buffers_bytes": measured.buffers_bytes,
         "static_bytes": measured.static_bytes,
         "training_state_bytes": savings["total"].measured_bytes,

@@ -76,8 +76,8 @@ _FINITE_DOT_MIN = 1 << 16
 _COLUMN_NORM_ROWS = 64
 # The low-rank matrices of a group are stepped in chunks whose projected gradients R hold at
 # most this many elements (or one matrix, if larger): R and N of a chunk live in reused
-# workspace buffers (see .workspace), and a chunk's gradients are still in the cache when
-# the update reads them again. APOLLO-Mini's R (rank 1) fits in one chunk.
+# workspace buffers (see .workspace), so the step's scratch memory is bounded (2 x 8 MiB in
+# float32) whatever the model's size. APOLLO-Mini's R (rank 1) fits in one chunk.
 _CHUNK_ELEMENTS = 1 << 21
 _STATE_LAYOUT_MISMATCH = (
     "APOLLO: this optimizer state holds {saved} AdamW moments, but the optimizer has {now}; resume with "
@@ -766,8 +766,7 @@ class APOLLO(torch.optim.Optimizer):
                 return
         if grad_norms is None and group["norm_growth_limit"] is not None:
             grad_norms = [self._gradient_norm(group, p.grad) for p in params]
-        # A chunk at a time: R and N of a chunk fit in reused workspace buffers, and its
-        # gradients are still in the cache when the update reads them again.
+        # A chunk at a time: R and N of a chunk fit in reused workspace buffers.
         runs = [list(range(len(params)))] if projected is not None else self._low_rank_chunks(group, params)
         for run in runs:
             members = [params[i] for i in run]
