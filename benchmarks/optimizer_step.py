@@ -22,6 +22,8 @@ Usage::
     python benchmarks/optimizer_step.py                      # 60m and 130m, 10 repeats
     python benchmarks/optimizer_step.py --shapes 60m --repeats 20 --warmup 3
     python benchmarks/optimizer_step.py --smoke --out /tmp/x # tiny shapes, 2 repeats (the test)
+    python benchmarks/optimizer_step.py --device cuda        # on a GPU (the step timed between
+                                                             # two torch.cuda.synchronize())
 
 Writes ``<out>/optimizer_step.json`` and ``<out>/optimizer_step.md`` (default
 ``benchmarks/results``) and prints the table.
@@ -91,13 +93,15 @@ def llama_param_shapes(shape_name: str) -> dict[str, list[tuple[int, ...]]]:
     }
 
 
-def make_param_set(shape_name: str, seed: int = 0) -> ParamSet:
+def make_param_set(shape_name: str, seed: int = 0, device: str = "cpu") -> ParamSet:
+    """The shape's parameters with random gradients, drawn on the CPU (the same values on every
+    device) and moved to ``device``."""
     shapes = llama_param_shapes(shape_name)
     generator = torch.Generator().manual_seed(seed)
 
     def make(shape: tuple[int, ...]) -> torch.nn.Parameter:
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
-        p.grad = torch.randn(shape, generator=generator) * 1e-3
+        p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device))
+        p.grad = (torch.randn(shape, generator=generator) * 1e-3).to(device)
         return p
 
     return ParamSet([make(s) for s in shapes["low_rank"]], [make(s) for s in shapes["rest"]])
@@ -230,9 +234,18 @@ def contenders() -> list[tuple[str, str, Builder]]:
 
 
 # ----------------------------------------------------------------------------- measurement
-def measure(shape_name: str, repeats: int, warmup: int, only: Iterable[str] | None = None) -> dict[str, Any]:
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued kernels, so that a step's time is its whole work (a CUDA
+    step returns as soon as its kernels are queued)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    shape_name: str, repeats: int, warmup: int, only: Iterable[str] | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Time every contender on one parameter set, round robin; return the shape's result record."""
-    ps = make_param_set(shape_name)
+    ps = make_param_set(shape_name, device=device)
     chosen = [c for c in contenders() if only is None or c[0] in set(only)]
     optimizers: dict[str, torch.optim.Optimizer] = {}
     descriptions: dict[str, str] = {}
@@ -248,8 +261,10 @@ def measure(shape_name: str, repeats: int, warmup: int, only: Iterable[str] | No
             cpu_times[name] = []
         for i in range(warmup + repeats):
             for name, optimizer in optimizers.items():
+                _synchronize(device)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 optimizer.step()
+                _synchronize(device)
                 elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
                 if i >= warmup:
                     times[name].append(elapsed)
@@ -316,7 +331,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Optimizer step: time and state memory",
         "",
-        f"Machine: {report['machine']['cpu']} ({report['machine']['threads']} threads), "
+        f"Machine: {report['machine']['cpu']} ({report['machine']['threads']} threads)"
+        f"{', GPU ' + report['machine']['gpu'] if report['machine'].get('gpu') else ''}, "
         f"torch {report['machine']['torch']}. Median over {report['records'][0]['repeats']} repeats "
         f"after {report['records'][0]['warmup']} warm-up steps; random gradients; ratios to "
         "`AdamW(fused=True)` of the same run.",
@@ -371,7 +387,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats, 1 warm-up step (for the test)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for optimizer_step.json and .md")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the parameters live: cpu (default), cuda, cuda:1 ...")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; run with --device cpu")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        parser.error(f"--device {args.device}: expected cpu or cuda[:index]")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes, repeats, warmup = (["smoke"], 2, 1) if args.smoke else (args.shapes, args.repeats, args.warmup)
@@ -383,12 +404,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
-            "device": "cpu",
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
         },
         "records": [],
     }
     for shape in shapes:
-        record = measure(shape, repeats, warmup, args.only)
+        record = measure(shape, repeats, warmup, args.only, args.device)
         record["targets"] = targets(record)
         report["records"].append(record)
         print(markdown({**report, "records": [record]}), flush=True)

@@ -117,16 +117,18 @@ def test_workspace_views_do_not_overlap_and_grow_on_demand():
     a, b = ws.take("x", [(3, 4), (5,)], torch.float32, cpu)
     a.fill_(1.0)
     b.fill_(2.0)
-    assert a.sum() == 12 and b.sum() == 10 and ws.nbytes() == 17 * 4
+    # Each view starts on a 64-byte boundary (16 floats): 12 and 5 floats take 16 each.
+    assert a.sum() == 12 and b.sum() == 10 and ws.nbytes() == 32 * 4
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() - a.data_ptr() == 64
     (c,) = ws.take("x", [(40,)], torch.float32, cpu)  # larger: a new buffer
-    assert ws.nbytes() == 40 * 4 and c.is_contiguous()
+    assert ws.nbytes() == 48 * 4 and c.is_contiguous()
     (d,) = ws.take("x", [(2, 2)], torch.float32, cpu)  # smaller: the same memory
     assert d.data_ptr() == c.data_ptr()
     (e,) = ws.take("x", [(4,)], torch.bfloat16, cpu)  # another dtype: a buffer of its own
-    assert ws.nbytes() == 40 * 4 + 4 * 2 and e.dtype == torch.bfloat16
+    assert ws.nbytes() == 48 * 4 + 64 and e.dtype == torch.bfloat16
     # Elsewhere (a GPU; here the meta device) the caching allocator reuses: nothing is kept.
     (f,) = ws.take("x", [(8,)], torch.float32, torch.device("meta"))
-    assert f.shape == (8,) and ws.nbytes() == 40 * 4 + 4 * 2
+    assert f.shape == (8,) and ws.nbytes() == 48 * 4 + 64
     ws.clear()
     assert ws.nbytes() == 0
 

@@ -77,8 +77,11 @@ def _check_equivalence(rank: int, world_size: int) -> None:
         train(model, optimizer, make_batches(), rank, world_size)
         for (key, p), q in zip(model.named_parameters(), ref_model.parameters()):
             assert is_dtensor(p)
+            # The shards' products are smaller matrices, which BLAS may sum in another order:
+            # on an AMD Zen 4 CPU (MKL) the weights drifted by up to 4.4e-6 (2e-5 relative) in
+            # 5 steps; a wrong shard layout or projection is off by orders of magnitude more.
             torch.testing.assert_close(
-                p.full_tensor(), q, rtol=1e-5, atol=1e-6, msg=lambda m, k=key, c=name: f"{c}: {k}\n{m}"
+                p.full_tensor(), q, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, c=name: f"{c}: {k}\n{m}"
             )
         for p, q in zip(model.parameters(), ref_model.parameters()):
             state, ref_state = optimizer.state[p], ref_opt.state[q]

@@ -746,9 +746,20 @@ class APOLLO(torch.optim.Optimizer):
         if out.dtype != proj.dtype:
             (target,) = self._workspace.take("projected_in_projection_dtype", [out.shape], proj.dtype, out.device)
         rank = proj.shape[0] if tall else proj.shape[1]
-        if rank == 1:
-            # Rank 1 (APOLLO-Mini): a matrix-vector product, BLAS's gemv, which reads G faster
-            # than gemm's packing does.
+        if rank == 1 and tall and grad.device.type == "cpu":
+            # Rank 1, tall G (APOLLO-Mini): R = G p is a dot product per row of G. MKL's gemv
+            # for it streams G at a third of the memory bandwidth on an AMD Zen 4 CPU, its gemm
+            # with a two-column operand at full speed (measured: 60M shapes, 3.1 ms instead of
+            # 7.8): so multiply by [p, 0] and keep the first column.
+            m, n = grad.shape
+            operand, pair = self._workspace.take("rank_one_pair", [(2, n), (m, 2)], proj.dtype, grad.device)
+            operand[0].copy_(proj[0])
+            operand[1].zero_()
+            torch.mm(grad, operand.T, out=pair)
+            target.view(-1).copy_(pair[:, 0])
+        elif rank == 1:
+            # Rank 1, wide G: R = pᵀ G, BLAS's gemv (a sum of G's rows), reads G faster than
+            # gemm's packing does.
             torch.mv(grad if tall else grad.T, proj[0] if tall else proj[:, 0], out=target.view(-1))
         elif tall:
             torch.mm(grad, proj.T, out=target)
