@@ -758,8 +758,8 @@ class APOLLO(torch.optim.Optimizer):
             torch.mm(grad, operand.T, out=pair)
             target.view(-1).copy_(pair[:, 0])
         elif rank == 1:
-            # Rank 1, wide G: R = pᵀ G, BLAS's gemv (a sum of G's rows), reads G faster than
-            # gemm's packing does.
+            # Rank 1 otherwise (wide G, or a tall one off the CPU): BLAS's gemv reads G faster
+            # than gemm's packing does.
             torch.mv(grad if tall else grad.T, proj[0] if tall else proj[:, 0], out=target.view(-1))
         elif tall:
             torch.mm(grad, proj.T, out=target)
