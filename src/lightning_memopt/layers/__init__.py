@@ -11,7 +11,7 @@ Example:
 
 from .blocks import find_transformer_blocks, transformer_block_classes
 from .checkpointing import apply_activation_checkpointing, is_activation_checkpointed, remove_activation_checkpointing
-from .chunked_loss import chunked_causal_lm_loss, chunked_cross_entropy
+from .chunked_loss import chunked_causal_lm_loss, chunked_cross_entropy, remove_chunked_loss, use_chunked_loss
 from .early_exit import (
     EarlyExits,
     add_early_exits,
@@ -33,14 +33,18 @@ from .moe import (
     set_moe_modality,
     upcycle_to_moe,
 )
+from .objective import LossTerm, ObjectiveStep, add_loss_term, get_objective, last_loss_parts, remove_loss_term
 from .offload import OffloadActivations
 
 __all__ = [
     "EarlyExits",
+    "LossTerm",
     "MoELayer",
+    "ObjectiveStep",
     "OffloadActivations",
     "active_parameters",
     "add_early_exits",
+    "add_loss_term",
     "apply_activation_checkpointing",
     "chunked_causal_lm_loss",
     "chunked_cross_entropy",
@@ -49,7 +53,9 @@ __all__ = [
     "early_exit_loss",
     "find_transformer_blocks",
     "get_early_exits",
+    "get_objective",
     "is_activation_checkpointed",
+    "last_loss_parts",
     "layerskip_weights",
     "moe_aux_loss",
     "moe_expert_loads",
@@ -57,8 +63,11 @@ __all__ = [
     "moe_modality",
     "moe_z_loss",
     "remove_activation_checkpointing",
+    "remove_chunked_loss",
     "remove_early_exits",
+    "remove_loss_term",
     "set_moe_modality",
     "transformer_block_classes",
     "upcycle_to_moe",
+    "use_chunked_loss",
 ]

@@ -27,9 +27,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["chunked_causal_lm_loss", "chunked_cross_entropy"]
+from .objective import get_objective, set_main_loss
+
+__all__ = ["chunked_causal_lm_loss", "chunked_cross_entropy", "remove_chunked_loss", "use_chunked_loss"]
+
+_MAIN_LOSS_NAME = "chunked_loss"
+# Config attributes of causal LMs whose logits are not ``lm_head(last_hidden_state)``
+# (soft-capped, scaled): their loss cannot be computed from the head's weight alone.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -93,8 +101,9 @@ def chunked_cross_entropy(
     bias: torch.Tensor | None = None,
     shift: bool = True,
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``hidden_states @ weight.T (+ bias)`` against ``labels``,
+    """Mean (or summed) next-token cross-entropy of ``hidden_states @ weight.T (+ bias)`` against ``labels``,
     computed ``chunk_size`` tokens at a time so that the full logits never exist.
 
     Args:
@@ -105,9 +114,11 @@ def chunked_cross_entropy(
             faster, a smaller one holds less memory (logits of ``chunk_size x vocab`` floats).
         shift: predict token ``t + 1`` from position ``t`` (Hugging Face's ``labels``
             convention); ``False``: ``labels`` are already aligned with ``hidden_states``.
+        reduction: ``"mean"`` over the counted tokens, or ``"sum"`` (divide it by the number of
+            tokens of the whole accumulated batch yourself, as HF's ``num_items_in_batch`` does).
 
     Returns:
-        the mean loss over the counted tokens, a float32 scalar (NaN when none is counted, as
+        the loss, a float32 scalar (the mean is NaN when no token is counted, as
         ``F.cross_entropy`` gives).
 
     Raises:
@@ -120,6 +131,8 @@ def chunked_cross_entropy(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size!r} must be a positive number of tokens.")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chunked_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'.")
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(
             f"chunked_cross_entropy: hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} "
@@ -134,9 +147,10 @@ def chunked_cross_entropy(
         hidden_states, labels = hidden_states[..., :-1, :], labels[..., 1:]
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = labels.reshape(-1)
-    counted = (targets != ignore_index).sum()
     total = _ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
-    return total / counted
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum()
 
 
 def chunked_causal_lm_loss(
@@ -170,3 +184,142 @@ def chunked_causal_lm_loss(
     hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
     labels = input_ids if labels is None else labels
     return chunked_cross_entropy(hidden, head.weight, labels, chunk_size, bias=head.bias)
+
+
+def _check_chunkable(model: nn.Module) -> nn.Module:
+    """The LM head of ``model``, or a ``ValueError`` saying why its loss cannot be chunked."""
+    config = getattr(model, "config", None)
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if transforms:
+        raise ValueError(
+            f"use_chunked_loss: {type(model).__name__} transforms its logits ({', '.join(transforms)}), so its "
+            "loss is not the cross-entropy of lm_head(hidden) that the chunked loss computes; keep its own loss."
+        )
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not callable(get_decoder) or get_decoder() is None or head is None or not hasattr(head, "weight"):
+        raise ValueError(
+            f"use_chunked_loss: {type(model).__name__} is not a Hugging Face causal LM with a decoder "
+            "(get_decoder()) and an LM head (get_output_embeddings()); pass e.g. a LlamaForCausalLM."
+        )
+    if callable(getattr(head.weight, "to_local", None)):
+        raise ValueError(
+            "use_chunked_loss cannot be used under FSDP: the LM head is sharded and only the model's own forward "
+            "gathers it. Call use_chunked_loss before sharding is not enough either; keep the model's own loss."
+        )
+    return head
+
+
+# Arguments of a causal LM's forward that its decoder does not take.
+_HEAD_ONLY_ARGUMENTS = ("labels", "num_items_in_batch", "logits_to_keep", "shift_labels", "ignore_index", "return_dict")
+
+
+def _chunked_main_loss(chunk_size: int) -> Any:
+    def main_loss(model: nn.Module, forward: Any, kwargs: dict[str, Any]) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        head = _check_chunkable(model)
+        decoder_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_ARGUMENTS}
+        decoder_output = model.get_decoder()(**decoder_kwargs)
+        hidden = decoder_output.last_hidden_state
+        labels, shift_labels = kwargs["labels"], kwargs.get("shift_labels")
+        ignore_index = kwargs.get("ignore_index", -100)
+        if shift_labels is not None:  # transformers' convention: already aligned, no shift
+            labels, shift = shift_labels, False
+        else:
+            shift = True
+        labels = labels.to(hidden.device)
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is None:
+            loss = chunked_cross_entropy(
+                hidden, head.weight, labels, chunk_size, bias=head.bias, shift=shift, ignore_index=ignore_index
+            )
+        else:
+            # As transformers' ForCausalLMLoss under gradient accumulation: the sum over this
+            # micro-batch divided by the token count of the whole accumulated batch.
+            total = chunked_cross_entropy(
+                hidden,
+                head.weight,
+                labels,
+                chunk_size,
+                bias=head.bias,
+                shift=shift,
+                ignore_index=ignore_index,
+                reduction="sum",
+            )
+            if torch.is_tensor(num_items):
+                num_items = num_items.to(total.device)
+            loss = total / num_items
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            cache=decoder_output.get("cache"),
+            hidden_states=getattr(decoder_output, "hidden_states", None),
+            attentions=getattr(decoder_output, "attentions", None),
+        )
+
+    return main_loss
+
+
+def use_chunked_loss(model: nn.Module, chunk_size: int = 1024) -> nn.Module:
+    """Make a Hugging Face causal LM's own ``forward`` compute its training loss chunk by chunk.
+
+    After it, in **training mode with** ``labels``, ``model(input_ids, labels=labels)`` runs the
+    decoder, then the LM head and the cross-entropy ``chunk_size`` tokens at a time
+    (:func:`chunked_cross_entropy`): ``.loss`` equals the plain loss (value and gradients, up
+    to float rounding; ``num_items_in_batch`` and ``shift_labels`` are honoured as transformers
+    does), and **``.logits`` is** ``None``: the full logits never exist. In eval mode, or
+    without labels, the forward is the model's own (logits returned; eval loss unchanged).
+    So the stock ``transformers.Trainer``, TRL and plain loops train with the chunked loss and
+    no subclass. Built on :mod:`~lightning_memopt.layers.objective` (it is the model's *main
+    loss*); :func:`remove_chunked_loss` undoes it.
+
+    Only for models whose logits are the LM head applied to the decoder's last hidden state
+    (LLaMA, Mistral, Qwen2/3, GPT-2 ...), not those that soft-cap or scale them (refused).
+
+    Args:
+        model: a Hugging Face causal LM (``get_decoder()`` and ``get_output_embeddings()``).
+        chunk_size: tokens per chunk (across the batch): smaller holds less memory.
+
+    Returns:
+        ``model`` (changed in place).
+
+    Raises:
+        ValueError: for a bad ``chunk_size``, a model that is not such a causal LM, or whose
+            logits are transformed.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+        ...                                      num_hidden_layers=1, num_attention_heads=2))
+        >>> ids = torch.randint(0, 50, (2, 8))
+        >>> plain = model(ids, labels=ids).loss
+        >>> out = use_chunked_loss(model, chunk_size=4)(ids, labels=ids)
+        >>> out.logits is None, torch.allclose(out.loss, plain, atol=1e-6)
+        (True, True)
+        >>> _ = remove_chunked_loss(model)
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"use_chunked_loss: chunk_size={chunk_size!r} must be a positive number of tokens (e.g. 1024)."
+        )
+    _check_chunkable(model)
+    objective = get_objective(model)
+    if objective is not None and objective.main_loss_name == _MAIN_LOSS_NAME:
+        set_main_loss(model, None)  # a new chunk size replaces the old one
+    set_main_loss(model, _chunked_main_loss(chunk_size), _MAIN_LOSS_NAME)
+    return model
+
+
+def remove_chunked_loss(model: nn.Module) -> nn.Module:
+    """Undo :func:`use_chunked_loss`: the model's own loss (and logits) again. Nothing when absent.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> remove_chunked_loss(model) is model
+        True
+    """
+    objective = get_objective(model)
+    if objective is not None and objective.main_loss_name == _MAIN_LOSS_NAME:
+        set_main_loss(model, None)
+    return model
