@@ -90,3 +90,90 @@ def test_bad_input_raises(kwargs, match):
     arguments = {"hidden_states": h, "weight": w, "labels": y, "chunk_size": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         chunked_cross_entropy(**arguments)
+
+
+# ---------------------------------------------------------------------------- use_chunked_loss
+def tiny_llama(seed: int = 0, vocab: int = 61):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    return LlamaForCausalLM(config)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_items_in_batch": torch.tensor(21)}, {"shift": True}])
+def test_use_chunked_loss_equals_the_model_loss_value_and_gradients(extra):
+    import copy
+
+    from lightning_memopt.layers import get_objective, remove_chunked_loss, use_chunked_loss
+
+    plain = tiny_llama()
+    chunked = use_chunked_loss(copy.deepcopy(plain), chunk_size=5)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    kwargs = dict(extra)
+    if kwargs.pop("shift", False):  # transformers' pre-shifted labels
+        kwargs["shift_labels"] = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    expected = plain(input_ids=ids, labels=labels, **kwargs)
+    expected.loss.backward()
+    out = chunked(ids, labels=labels, **kwargs)  # positional input_ids too
+    out.loss.backward()
+    assert out.logits is None  # the full logits never existed
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    want, got = _grads(plain), _grads(chunked)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # eval mode and calls without labels are the model's own forward (logits, same loss)
+    chunked.eval(), plain.eval()
+    with torch.no_grad():
+        evaluated = chunked(input_ids=ids, labels=labels)
+        torch.testing.assert_close(evaluated.logits, plain(input_ids=ids).logits)
+        torch.testing.assert_close(evaluated.loss, plain(input_ids=ids, labels=labels).loss)
+    chunked.train()
+    assert chunked(input_ids=ids).logits.shape == (2, 12, 61)
+
+    remove_chunked_loss(chunked)
+    assert get_objective(chunked) is None and "forward" not in chunked.__dict__
+    assert chunked(input_ids=ids, labels=labels).logits is not None
+
+
+def test_use_chunked_loss_keeps_the_forward_signature_and_survives_deepcopy():
+    import copy
+    import inspect
+
+    from lightning_memopt.layers import use_chunked_loss
+
+    model = tiny_llama()
+    before = inspect.signature(model.forward)
+    use_chunked_loss(model, chunk_size=3)
+    assert inspect.signature(model.forward) == before  # the Trainer reads it (columns, num_items_in_batch)
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin
+    ids = torch.randint(0, 61, (1, 9))
+    torch.testing.assert_close(twin(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+    use_chunked_loss(model, chunk_size=4)  # again: replaces the chunk size, no second wrapper
+    assert model(input_ids=ids, labels=ids).logits is None
+
+
+def test_use_chunked_loss_refusals():
+    from transformers import LlamaConfig
+
+    from lightning_memopt.layers import use_chunked_loss
+
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        use_chunked_loss(tiny_llama(), chunk_size=0)
+    with pytest.raises(ValueError, match="not a Hugging Face causal LM"):
+        use_chunked_loss(torch.nn.Linear(2, 2))
+    model = tiny_llama()
+    model.config = LlamaConfig(final_logit_softcapping=30.0)  # a Gemma-2-style soft-capped head
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        use_chunked_loss(model)
