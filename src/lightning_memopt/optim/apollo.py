@@ -57,7 +57,7 @@ _RATIO_EPS = 1e-8
 # Keys of the per-parameter state that live on the CPU whatever the parameter's device:
 # host scalars, like torch.optim.Adam's "step", so that the step never syncs with the GPU.
 _HOST_STATE_KEYS = ("step", "seed")
-# Keys whose saved dtype survives load_state_dict (see _remember_exact_state).
+# Keys whose saved dtype survives load_state_dict (see APOLLO.load_state_dict).
 # (torch casts every state tensor but "step" to a floating parameter's dtype, even 8-bit moments.)
 _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm", "state1", "state2", "absmax1", "absmax2")
 # adamw_8bit: tensors smaller than this keep 32-bit moments (bitsandbytes' min_8bit_size), and
@@ -83,6 +83,29 @@ _STATE_LAYOUT_MISMATCH = (
     "APOLLO: this optimizer state holds {saved} AdamW moments, but the optimizer has {now}; resume with "
     "the adamw_8bit setting the state was saved with."
 )
+# Group keys of torch's optimizers that change what a step computes. APOLLO implements none of
+# them, so a truthy value is refused rather than silently ignored (a falsy one asks for nothing).
+_REFUSED_GROUP_KEYS = {
+    "maximize": "it always minimizes; negate the loss instead",
+    "amsgrad": "it keeps no max_exp_avg_sq",
+    "capturable": "its step is not CUDA-graph capturable",
+    "differentiable": "its step is not differentiable",
+    "foreach": "it picks its own kernels",
+    "fused": "it picks its own kernels",
+}
+# The keys of each kind of per-parameter state this optimizer writes.
+_LOW_RANK_KEYS = frozenset({"step", "seed", "exp_avg", "exp_avg_sq", "prev_update_norm"})
+_ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+_ADAMW_8BIT_KEYS = frozenset({"step", "state1", "state2", "absmax1", "absmax2"})
+# Scalar state entries that older checkpoints may hold as plain numbers, and their dtypes.
+_SCALAR_STATE_DTYPES = {"step": torch.float32, "seed": torch.int64, "prev_update_norm": torch.float32}
+# What a refused state dict can do instead.
+_LOAD_FIX = (
+    "Load a state dict saved by an optimizer built the same way (same parameters in the same order, "
+    "same low-rank groups, ranks and adamw_8bit), or skip load_state_dict to start the optimizer state afresh."
+)
+# Attributes rebuilt on demand, never copied or pickled (see APOLLO.__getstate__).
+_TRANSIENT_ATTRIBUTES = ("_workspace", "_projection_cache", "_quantization_maps", "_exact_state")
 # What ``projection_dtype`` accepts, by name (YAML and option strings give names).
 PROJECTION_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -325,14 +348,245 @@ class APOLLO(torch.optim.Optimizer):
         # Step temporaries reused between steps on the CPU (not part of the state dict).
         self._workspace = Workspace()
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_remember_exact_state)
-        self.register_load_state_dict_post_hook(_restore_exact_state)
+
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the caches (workspace, projections, quantisation maps), which a copy
+        rebuilds on demand: ``copy.deepcopy`` and ``pickle`` keep every option.
+
+        As for any torch optimizer, hooks are not copied.
+        """
+        state = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT_ATTRIBUTES}
+        for key in list(state):
+            if key.startswith("_optimizer_") and key.endswith("_hooks"):
+                del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("projection_dtype", None)
+        self.__dict__.setdefault("adamw_8bit", False)
+        self.__dict__.setdefault("cache_projection", True)
+        self.__dict__.setdefault("check_finite", True)
+        self.__dict__.setdefault("seed", 0)
+        self._workspace = Workspace()
+        self._projection_cache = {}
+        self._quantization_maps = {}
+
+    # ------------------------------------------------------------------ loading
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict, after checking every parameter's state against the parameter.
+
+        Beyond :meth:`torch.optim.Optimizer.load_state_dict`: each state tensor must fit its
+        parameter (a low-rank matrix's moments ``m x r`` or ``r x n`` for the group's rank and the
+        matrix's orientation, an AdamW parameter's moments its own shape, in the ``adamw_8bit``
+        layout this optimizer uses); otherwise a ``ValueError`` names the parameter, the saved and
+        the expected shapes, and nothing is changed. Group keys a state dict lacks (saved before
+        they existed) keep this optimizer's values; a plain-number ``step`` (older torch) becomes a
+        tensor. A ``torch.optim.AdamW``/``Adam`` state dict loads too: its moments go to the AdamW
+        parameters, and the low-rank matrices, whose full-size moments APOLLO cannot use, start
+        afresh (with a warning). Step counters, seeds and the limiter's norms keep their saved
+        dtype (torch would cast them to a bf16 parameter's dtype).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.randn(8, 4))
+            >>> opt = APOLLO([w], lr=1e-2, rank=2)
+            >>> w.grad = torch.randn(8, 4); opt.step()
+            >>> APOLLO([torch.nn.Parameter(torch.randn(4, 8))], lr=1e-2, rank=2).load_state_dict(opt.state_dict())
+            Traceback (most recent call last):
+            ...
+            ValueError: APOLLO: cannot load this state dict: parameter 0 (shape (4, 8), low-rank, rank 2) ...
+        """
+        state_dict = state_dict.copy()
+        # The user's pre-hooks first (they may adapt the dict), then the checks, on what will load.
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        checked, exact = self._checked_state_dict(state_dict)
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            super().load_state_dict(checked)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        # Copies, so that two optimizers loaded from one state dict never share a counter; step
+        # counters and seeds on the CPU (host scalars), the limiter's norm beside the moments.
+        for param, values in exact.items():
+            state = self.state[param]
+            for key, value in values.items():
+                device = torch.device("cpu") if key in _HOST_STATE_KEYS else _local(param).device
+                state[key] = value.detach().to(device=device, copy=True)
+        self._projection_cache.clear()
+        for post_hook in post_hooks.values():
+            post_hook(self)
+
+    def _checked_state_dict(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The state dict to hand to torch's loader (a new dict; ``state_dict`` is not changed),
+        and the values that must keep their saved dtype, per parameter; ``ValueError`` when it
+        does not fit this optimizer."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(
+                "APOLLO: load_state_dict takes an optimizer state dict (a dict with 'state' and 'param_groups', as "
+                f"optimizer.state_dict() returns), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else "")
+                + "."
+            )
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"APOLLO: cannot load this state dict: it has {len(saved_groups)} param groups, the optimizer "
+                f"{len(self.param_groups)}. {_LOAD_FIX}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"APOLLO: cannot load this state dict: its param group {i} has {len(saved['params'])} "
+                    f"parameters, the optimizer's {len(group['params'])}. {_LOAD_FIX}"
+                )
+        # A torch Adam/AdamW state dict: its groups have none of APOLLO's keys.
+        foreign = all("low_rank" not in g and "rank" not in g for g in saved_groups)
+        groups = []
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            # Keys the saved group lacks (saved before they existed, or by AdamW) keep the values this
+            # optimizer was built with: its constructor's defaults unless the group set them.
+            merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            if "param_names" not in saved:
+                merged.pop("param_names", None)
+            if isinstance(merged.get("betas"), list):
+                merged["betas"] = tuple(merged["betas"])
+            self._validate_group(merged, f"param group {i} of the state dict")
+            groups.append(merged)
+
+        state: dict[Any, Any] = {k: v for k, v in saved_state.items()}
+        exact: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        dropped = []
+        index = 0
+        for merged, group in zip(groups, self.param_groups):
+            names = merged.get("param_names") or group.get("param_names")
+            for j, (saved_id, param) in enumerate(zip(merged["params"], group["params"])):
+                label = _param_label(index, names[j] if names else None)
+                index += 1
+                entry = saved_state.get(saved_id)
+                if entry is None:
+                    continue
+                if not isinstance(entry, dict):
+                    raise ValueError(
+                        f"APOLLO: cannot load this state dict: the state of {label} is a "
+                        f"{type(entry).__name__}, not a dict of tensors. {_LOAD_FIX}"
+                    )
+                entry = {k: _as_state_tensor(k, v, label) for k, v in entry.items()}
+                low_rank = self.is_low_rank(merged, param)
+                if foreign and low_rank and entry:
+                    # AdamW's moments of a matrix are m x n; APOLLO's are m x r: start it afresh.
+                    dropped.append(label)
+                    state.pop(saved_id)
+                    continue
+                if entry:
+                    self._check_param_state(merged, param, entry, label, low_rank, foreign)
+                if low_rank:
+                    # The fused Adam kernel needs contiguous moments (see _adamw_step).
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in entry and not entry[key].is_contiguous():
+                            entry[key] = entry[key].contiguous()
+                state[saved_id] = entry
+                exact[param] = {k: v for k, v in entry.items() if k in _EXACT_STATE_KEYS and _is_plain_tensor(v)}
+        if dropped:
+            warnings.warn(
+                f"APOLLO: this is a torch.optim.Adam/AdamW state dict: its moments of the AdamW parameters were "
+                f"loaded, but those of the {len(dropped)} low-rank matrices ({', '.join(dropped[:4])}"
+                f"{', ...' if len(dropped) > 4 else ''}) are full-size, which APOLLO cannot use: their APOLLO state "
+                "starts afresh.",
+                UserWarning,
+                stacklevel=3,
+            )
+        checked = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+        checked["state"], checked["param_groups"] = state, groups
+        return checked, exact
+
+    def _check_param_state(
+        self,
+        group: dict[str, Any],
+        param: torch.Tensor,
+        entry: dict[str, torch.Tensor],
+        label: str,
+        low_rank: bool,
+        foreign: bool,
+    ) -> None:
+        """``ValueError`` unless ``entry`` is a state this optimizer could have written for ``param``."""
+        shape = tuple(param.shape)
+        origin = "torch.optim.Adam/AdamW state dict" if foreign else "state dict"
+        if low_rank:
+            m, n = shape
+            rank = self.effective_rank(group, shape)
+            kind = f"shape {shape}, low-rank, rank {rank}"
+            wanted, layout = _LOW_RANK_KEYS, {"exp_avg": (m, rank) if m >= n else (rank, n)}
+        elif self.uses_8bit_state(param):
+            kind = f"shape {shape}, AdamW with 8-bit moments"
+            wanted, blocks = _ADAMW_8BIT_KEYS, (math.ceil(param.numel() / _BLOCK_8BIT),)
+            layout = {"state1": shape, "state2": shape, "absmax1": blocks, "absmax2": blocks}
+        else:
+            kind = f"shape {shape}, AdamW"
+            wanted, layout = _ADAMW_KEYS, {"exp_avg": shape}
+        eight_bit_saved = "state1" in entry
+        if (
+            not low_rank
+            and set(entry) in (_ADAMW_KEYS, _ADAMW_8BIT_KEYS)
+            and eight_bit_saved != self.uses_8bit_state(param)
+        ):
+            saved, now = ("8-bit", "adamw_8bit=False") if eight_bit_saved else ("32-bit", "adamw_8bit=True")
+            raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved=saved, now=now))
+        if set(entry) != wanted:
+            hint = ""
+            if "max_exp_avg_sq" in entry:
+                hint = " (max_exp_avg_sq is amsgrad's, which APOLLO does not implement)"
+            elif low_rank and set(entry) == _ADAMW_KEYS:
+                hint = " (an AdamW parameter's state: the low-rank groups differ from those it was saved with)"
+            elif not low_rank and set(entry) == _LOW_RANK_KEYS:
+                hint = " (a low-rank matrix's state: the low-rank groups differ from those it was saved with)"
+            raise ValueError(
+                f"APOLLO: cannot load this {origin}: {label} ({kind}) needs the state keys {sorted(wanted)}, "
+                f"the state dict holds {sorted(entry)}{hint}. {_LOAD_FIX}"
+            )
+        for key, value in entry.items():
+            expected = layout.get("exp_avg" if key == "exp_avg_sq" else key, ())
+            if key in ("step", "seed", "prev_update_norm"):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"APOLLO: cannot load this {origin}: {label} ({kind}) needs a single number as {key!r}, "
+                        f"the state dict holds a tensor of shape {tuple(value.shape)}. {_LOAD_FIX}"
+                    )
+            elif tuple(value.shape) != tuple(expected):
+                turned = " (the transposed layout: a tall matrix where a wide one is now, or the other way round)"
+                raise ValueError(
+                    f"APOLLO: cannot load this {origin}: {label} ({kind}) needs {key} of shape {tuple(expected)}, "
+                    f"the state dict holds {tuple(value.shape)}"
+                    f"{turned if tuple(value.shape) == tuple(expected)[::-1] else ''}. {_LOAD_FIX}"
+                )
 
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _validate_group(group: dict[str, Any], where: str) -> None:
+        for key, reason in _REFUSED_GROUP_KEYS.items():
+            if group.get(key):
+                raise ValueError(
+                    f"APOLLO: {where} sets {key}={group[key]!r}, which APOLLO does not implement ({reason}); "
+                    f"remove the key{' or set it False' if key != 'maximize' else ''}."
+                )
+        if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+            raise ValueError(
+                f"APOLLO: {where} sets decoupled_weight_decay=False (Adam's L2 penalty), but APOLLO's weight "
+                "decay is decoupled (AdamW's); remove the key, or set weight_decay=0."
+            )
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
+            # torch.optim's own check and message.
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
             lr = lr.item()
         if not _is_finite_number(lr) or lr < 0:
             raise ValueError(f"APOLLO: invalid lr={group['lr']!r} in {where}; use a finite number >= 0.")
@@ -369,18 +623,46 @@ class APOLLO(torch.optim.Optimizer):
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as :meth:`torch.optim.Optimizer.add_param_group` does, after checking it:
+        a group that is refused (``ValueError``) leaves the optimizer unchanged.
+
+        Example:
+            >>> opt = APOLLO([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3)
+            >>> opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-2})
+            >>> len(opt.param_groups)
+            2
+        """
+        first_index = sum(len(g["params"]) for g in self.param_groups)
+        where = f"param group {len(self.param_groups)}"
+        # torch's checks (tensors, leaves, no parameter in two groups) and defaults, then ours,
+        # and only then does the group count.
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        where = f"param group {len(self.param_groups) - 1}"
+        group = self.param_groups.pop()
         self._validate_group(group, where)
-        if group["low_rank"]:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(
-                        f"APOLLO: {where} has low_rank=True but holds a tensor of shape {tuple(p.shape)}; "
-                        "low-rank groups take 2-D weight matrices only. Put it in a group with "
-                        "low_rank=False (apollo_param_groups(model) does this for you)."
-                    )
+        self._validate_params(group, where, first_index)
+        self.param_groups.append(group)
+
+    @staticmethod
+    def _validate_params(group: dict[str, Any], where: str, first_index: int) -> None:
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            label = _param_label(first_index + i, names[i] if names else None)
+            if p.layout != torch.strided:
+                raise ValueError(
+                    f"APOLLO: {label} in {where} is a sparse tensor ({p.layout}); APOLLO takes dense parameters "
+                    "only (torch.optim.SparseAdam handles sparse ones)."
+                )
+            if p.is_complex():
+                raise ValueError(
+                    f"APOLLO: {label} in {where} is complex ({p.dtype}); APOLLO takes real floating-point "
+                    "parameters only. Optimize torch.view_as_real(param) instead, or use torch.optim.AdamW for it."
+                )
+            if group["low_rank"] and p.dim() != 2:
+                raise ValueError(
+                    f"APOLLO: {where} has low_rank=True but holds a tensor of shape {tuple(p.shape)} ({label}); "
+                    "low-rank groups take 2-D weight matrices only. Put it in a group with "
+                    "low_rank=False (apollo_param_groups(model) does this for you)."
+                )
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -482,7 +764,7 @@ class APOLLO(torch.optim.Optimizer):
         for group in self.param_groups:
             low_rank, adamw = [], []
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("APOLLO does not support sparse gradients.")
@@ -534,10 +816,12 @@ class APOLLO(torch.optim.Optimizer):
         """
         wanted = {id(p) for p in params}
         subsets = [
-            (group, [p for p in group["params"] if id(p) in wanted and p.grad is not None])
+            (group, [p for p in group["params"] if id(p) in wanted and p.grad is not None and p.numel()])
             for group in self.param_groups
         ]
         grads = [p.grad for _, members in subsets for p in members]
+        if any(g.is_sparse for g in grads):  # before any update, so that a refusal changes nothing
+            raise RuntimeError("APOLLO does not support sparse gradients.")
         # Sharded gradients (FSDP2): every rank must take the same decision.
         if self.check_finite and grads and not all_ranks_finite(_all_finite(list(map(_local, grads))), grads):
             warnings.warn(
@@ -548,8 +832,6 @@ class APOLLO(torch.optim.Optimizer):
             )
             return
         for group, members in subsets:
-            if any(p.grad.is_sparse for p in members):
-                raise RuntimeError("APOLLO does not support sparse gradients.")
             adamw = [p for p in members if not self.is_low_rank(group, p)]
             low_rank = [p for p in members if self.is_low_rank(group, p)]
             if adamw:
@@ -576,13 +858,22 @@ class APOLLO(torch.optim.Optimizer):
                 if not params:
                     return
         states = [self.state[p] or self._init_adamw_state(p) for p in params]
-        beta1, beta2 = group["betas"]
+        for p, state in zip(params, states):
+            # torch's fused kernel writes past the end of a moment smaller than its parameter
+            # (heap corruption, not an error): a state that does not fit is refused here.
+            if state["exp_avg"].shape != p.shape or state["exp_avg_sq"].shape != p.shape:
+                raise ValueError(_misfit_message(self, p, "exp_avg", tuple(state["exp_avg"].shape), tuple(p.shape)))
         on_cpu = all(_local(p).device.type == "cpu" for p in params)
+        tensors = (params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+        strided = on_cpu and not all(t.is_contiguous() for group_ in tensors for t in group_)
+        if strided:
+            # torch's fused CPU kernel reads strided tensors as if they were contiguous (wrong
+            # numbers): step contiguous copies of those, then write them back, so that a strided
+            # parameter gets exactly the update of a contiguous one.
+            tensors = tuple([t.contiguous() for t in group_] for group_ in tensors)
+        beta1, beta2 = group["betas"]
         functional_adamw(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            *tensors,
             [],
             [s["step"] for s in states],
             # torch's fused CPU kernel is the fastest AdamW here; elsewhere the host-side
@@ -597,18 +888,12 @@ class APOLLO(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
-
-    def _check_adamw_state_layout(self) -> None:
-        """After loading: every AdamW parameter's moments are in the layout ``adamw_8bit`` asks for."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state or self.is_low_rank(group, p):
-                    continue
-                if "state1" in state and not self.uses_8bit_state(p):
-                    raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="8-bit", now="adamw_8bit=False"))
-                if "state1" not in state and self.uses_8bit_state(p):
-                    raise ValueError(_STATE_LAYOUT_MISMATCH.format(saved="32-bit", now="adamw_8bit=True"))
+        if strided:
+            originals = (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+            for targets, results in zip(originals, (tensors[0], tensors[2], tensors[3])):
+                for target, result in zip(targets, results):
+                    if target.data_ptr() != result.data_ptr():
+                        target.copy_(result)
 
     def _adamw_8bit_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW with 8-bit blockwise moments, one parameter at a time (bitsandbytes' kernel)."""
@@ -669,12 +954,32 @@ class APOLLO(torch.optim.Optimizer):
         return _channel_norms(grad, 1 if grad.shape[0] >= grad.shape[1] else 0, self._workspace)
 
     def _moment_shape(self, group: dict[str, Any], param: torch.Tensor) -> tuple[int, int]:
-        """The shape of ``param``'s projected gradient ``R`` and of its Adam moments."""
-        if self.state[param]:
-            return tuple(self.state[param]["exp_avg"].shape)  # type: ignore[return-value]
+        """The shape of ``param``'s projected gradient ``R`` and of its Adam moments: the shape of
+        the workspace views the step writes ``R`` and ``N`` into.
+
+        A state's moments must fit ``param`` (``m x r`` for a tall matrix, ``r x n`` for a wide
+        one, ``1 <= r <= min(m, n)``): the projection is written into these views with
+        ``out=``, and the Adam kernel reads and writes them beside the moments, so a state of
+        another shape would write out of bounds. ``load_state_dict`` refuses such a state; this
+        check catches one set by hand.
+        """
         m, n = param.shape
-        rank = self.effective_rank(group, param.shape)
-        return (m, rank) if m >= n else (rank, n)
+        state = self.state[param]
+        if not state:
+            rank = self.effective_rank(group, param.shape)
+            return (m, rank) if m >= n else (rank, n)
+        shape = tuple(state["exp_avg"].shape)
+        tall = m >= n
+        fits = (
+            len(shape) == 2
+            and shape == tuple(state["exp_avg_sq"].shape)
+            and (shape[0] == m if tall else shape[1] == n)
+            and 1 <= (shape[1] if tall else shape[0]) <= min(m, n)
+        )
+        if not fits:
+            expected = (m, self.effective_rank(group, param.shape)) if tall else (self.effective_rank(group, (m, n)), n)
+            raise ValueError(_misfit_message(self, param, "exp_avg", shape, expected))
+        return shape  # type: ignore[return-value]
 
     def _low_rank_chunks(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[list[int]]:
         """``params`` (indices) in chunks whose projected gradients fit one workspace buffer."""
@@ -739,6 +1044,13 @@ class APOLLO(torch.optim.Optimizer):
         """``out = R``, the projection of ``grad`` (see :func:`.project_gradient`), through the
         workspace: no temporary is allocated on the CPU, whatever the projection dtype."""
         tall = grad.shape[0] >= grad.shape[1]
+        expected = (grad.shape[0], proj.shape[0]) if tall else (proj.shape[1], grad.shape[1])
+        if tuple(out.shape) != expected:
+            # An out= of another shape would be resized inside the workspace buffer, over its
+            # neighbours (see _moment_shape, which keeps this from happening).
+            raise RuntimeError(
+                f"APOLLO: a projected gradient of shape {expected} does not fit its {tuple(out.shape)} buffer."
+            )
         if grad.dtype != proj.dtype:
             (work,) = self._workspace.take("grad_in_projection_dtype", [grad.shape], proj.dtype, grad.device)
             grad = work.copy_(grad)
@@ -869,6 +1181,13 @@ class APOLLO(torch.optim.Optimizer):
         over the moments.
         """
         beta1, beta2 = group["betas"]
+        for r, st in zip(projected, states):
+            # torch's fused kernel writes out of bounds when the moments do not match R.
+            if _local(st["exp_avg"]).shape != r.shape or _local(st["exp_avg_sq"]).shape != r.shape:
+                raise RuntimeError(
+                    f"APOLLO: Adam moments of shape {tuple(_local(st['exp_avg']).shape)} do not match the "
+                    f"projected gradient's {tuple(r.shape)}."
+                )
         if normalized is None:
             normalized = [torch.zeros_like(r) for r in projected]
         else:
@@ -970,34 +1289,41 @@ class APOLLOMini(APOLLO):
         )
 
 
-def _remember_exact_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """Before ``load_state_dict``: note the saved step counters, seeds and limiter norms.
-
-    torch casts every floating-point state tensor but ``step`` to its parameter's dtype: a
-    bf16 copy of a seed (exact only up to 256) or of the limiter's float32 norm would change
-    the resumed run.
-    """
-    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_state = state_dict["state"]
-    optimizer._exact_state = {  # type: ignore[attr-defined]
-        p: {k: v for k, v in saved_state.get(i, {}).items() if k in _EXACT_STATE_KEYS and _is_plain_tensor(v)}
-        for i, p in zip(saved_ids, params)
-    }
+def _param_label(index: int, name: str | None = None) -> str:
+    return f"parameter {index}" + (f" ({name!r})" if name else "")
 
 
-def _restore_exact_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict``: those values in their saved dtype, step counters and seeds on
-    the CPU (host scalars), the limiter's norm beside the moments. Each is a copy, so that two
-    optimizers loaded from one state dict never share a counter."""
-    for param, values in optimizer.__dict__.pop("_exact_state", {}).items():
-        state = optimizer.state[param]
-        for key, value in values.items():
-            device = torch.device("cpu") if key in _HOST_STATE_KEYS else _local(param).device
-            state[key] = value.detach().to(device=device, copy=True)
-    if isinstance(optimizer, APOLLO):
-        optimizer._projection_cache.clear()
-        optimizer._check_adamw_state_layout()
+def _param_index(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[int, str | None]:
+    """``param``'s index in the whole optimizer (group order) and its name, if the group has names."""
+    index = 0
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is param:
+                names = group.get("param_names")
+                return index, (names[i] if names else None)
+            index += 1
+    return -1, None
+
+
+def _misfit_message(optimizer: torch.optim.Optimizer, param: torch.Tensor, key: str, saved: Any, expected: Any) -> str:
+    label = _param_label(*_param_index(optimizer, param))
+    return (
+        f"APOLLO: the optimizer state of {label} (shape {tuple(param.shape)}) holds {key} of shape {saved}, "
+        f"but the parameter needs {expected}: the state belongs to another parameter or configuration. {_LOAD_FIX}"
+    )
+
+
+def _as_state_tensor(key: str, value: Any, label: str) -> torch.Tensor:
+    """A saved state value as a tensor: plain numbers (``step`` as older torch saved it) are
+    converted, anything else that is not a tensor is refused."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if key in _SCALAR_STATE_DTYPES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(value, dtype=_SCALAR_STATE_DTYPES[key])
+    raise ValueError(
+        f"APOLLO: cannot load this state dict: {label} has {key}={value!r} ({type(value).__name__}); the "
+        f"state of APOLLO holds tensors only. {_LOAD_FIX}"
+    )
 
 
 def _is_plain_tensor(value: Any) -> bool:
