@@ -1,4 +1,6 @@
-"""Fixtures shared by every test folder: ``single_thread`` and ``run_ranks`` (forked gloo ranks).
+"""Fixtures shared by every test folder: ``tiny_llama`` and ``tiny_bert`` (random-weight models),
+``quiet_trainer`` (a Lightning Trainer without logger, checkpoints or progress bar),
+``single_thread`` and ``run_ranks`` (forked gloo ranks).
 
 Every distributed test goes through ``run_ranks`` so that each one tears its process group down
 the same safe way. Both are handed to tests as fixtures, never imported, so that no test depends
@@ -19,6 +21,60 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import tiny_models
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[..., torch.nn.Module]:
+    """``tiny_llama(seed=0, **llama_config)``: a 2-block ``LlamaForCausalLM`` over bytes with
+    random weights (``tiny_models.tiny_llama``); override any ``LlamaConfig`` field.
+
+    Example::
+
+        def test_it(tiny_llama):
+            model = tiny_llama(num_hidden_layers=3)
+    """
+    return tiny_models.tiny_llama
+
+
+@pytest.fixture
+def tiny_bert() -> Callable[..., torch.nn.Module]:
+    """``tiny_bert(num_labels=2, vocab_size=256, seed=0, **bert_config)``: a 2-layer BERT
+    classifier with random weights and no dropout (``tiny_models.tiny_bert``).
+
+    Example::
+
+        def test_it(tiny_bert):
+            model = tiny_bert(vocab_size=100)
+    """
+    return tiny_models.tiny_bert
+
+
+@pytest.fixture
+def quiet_trainer() -> Callable[..., Any]:
+    """``quiet_trainer(**trainer_kwargs)``: a Lightning ``Trainer`` on one CPU device with no
+    logger, no checkpointing, no progress bar and no model summary; any argument overrides.
+
+    Example::
+
+        def test_it(quiet_trainer):
+            quiet_trainer(max_steps=2, callbacks=[LayerwiseUpdates()]).fit(model, loader)
+    """
+
+    def make(**kwargs: Any) -> Any:
+        from lightning.pytorch import Trainer
+
+        options: dict[str, Any] = dict(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        return Trainer(**options | kwargs)
+
+    return make
 
 
 @pytest.fixture

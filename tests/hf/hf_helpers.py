@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+# The one tiny BERT (tests/tiny_models.py; the ``tiny_bert`` fixture in-process), re-exported for
+# the torchrun workers, which cannot take fixtures.
+from tiny_models import tiny_bert as tiny_bert
+
 
 def prose_and_code(n_per_class: int, chars: int = 300) -> tuple[list[str], list[int]]:
     """``n_per_class`` documentation passages (label 0) and as many code passages (label 1)."""
@@ -33,25 +37,6 @@ def tokenized(tokenizer: Any, texts: list[str], labels: list[int], max_length: i
         {"input_ids": ids, "attention_mask": mask, "labels": label}
         for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels)
     ]
-
-
-def tiny_bert(num_labels: int = 2, vocab_size: int = 256, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer BERT classifier with random weights and no dropout (runs compare exactly)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(config)
 
 
 def random_dataset(n: int, seq_len: int = 16, vocab_size: int = 256, seed: int = 0) -> list[dict[str, Any]]:

@@ -24,18 +24,8 @@ COMPARED = (
 )
 
 
-def tiny_bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
+# The shared ``tiny_bert`` fixture, at the sizes of these examples (token ids < 100, 12 tokens).
+BERT = dict(vocab_size=100, max_position_embeddings=32)
 
 
 def examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -47,7 +37,9 @@ def examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def hf_fit(tmp_path: Path, callback: MemoryProfilerCallback, max_steps: int = 4) -> transformers.Trainer:
+def hf_fit(
+    tmp_path: Path, callback: MemoryProfilerCallback, model: torch.nn.Module, max_steps: int = 4
+) -> transformers.Trainer:
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         max_steps=max_steps,
@@ -60,14 +52,14 @@ def hf_fit(tmp_path: Path, callback: MemoryProfilerCallback, max_steps: int = 4)
         optim="adamw_torch",
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=tiny_bert(), args=args, train_dataset=examples(), callbacks=[callback])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
     trainer.train()
     return trainer
 
 
-def test_trainer_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
+def test_trainer_logs_metrics_and_writes_the_report(tmp_path: Path, tiny_bert) -> None:
     callback = MemoryProfilerCallback(interval=2, report_path=tmp_path / "memory.json", table=False)
-    trainer = hf_fit(tmp_path, callback)
+    trainer = hf_fit(tmp_path, callback, tiny_bert(**BERT))
     report = json.loads((tmp_path / "memory.json").read_text())
     history = report["ranks"][0]["history"]
     assert [r["step"] for r in history] == [0, 2]
@@ -82,18 +74,18 @@ def test_trainer_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
     assert logged[0]["memory/params_bytes"] == 4 * numel
 
 
-def test_hf_and_lightning_report_the_same_numbers(tmp_path: Path) -> None:
+def test_hf_and_lightning_report_the_same_numbers(tmp_path: Path, tiny_bert, quiet_trainer) -> None:
     import lightning as L
 
     hf_callback = MemoryProfilerCallback(interval=1, report_path=None, table=False)
-    hf_fit(tmp_path, hf_callback, max_steps=2)
+    hf_fit(tmp_path, hf_callback, tiny_bert(**BERT), max_steps=2)
 
     from lightning_memopt.callbacks import MemoryProfiler
 
     class BertModule(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = tiny_bert()
+            self.model = tiny_bert(**BERT)
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             return self.model(**batch).loss
@@ -103,17 +95,7 @@ def test_hf_and_lightning_report_the_same_numbers(tmp_path: Path) -> None:
 
     loader = torch.utils.data.DataLoader(examples(), batch_size=4)
     pl_profiler = MemoryProfiler(interval=1, report_path=None, table=False)
-    L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[pl_profiler],
-    ).fit(BertModule(), loader)
+    quiet_trainer(max_steps=2, default_root_dir=tmp_path, callbacks=[pl_profiler]).fit(BertModule(), loader)
 
     hf_history = hf_callback.report["ranks"][0]["history"]
     pl_history = pl_profiler.report["ranks"][0]["history"]

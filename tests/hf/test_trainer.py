@@ -180,7 +180,9 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, script: Path, *args: str, timeout: int = 300) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The workers import hf_helpers (beside them) and tiny_models (in tests/).
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     command = [
         sys.executable,
         "-m",

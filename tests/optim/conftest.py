@@ -1,4 +1,4 @@
-"""Shared helpers of the optimizer tests: a tiny LLaMA and byte-level CPython-docs batches.
+"""Shared helpers of the optimizer tests: the tiny LLaMA by short names, and byte-level CPython-docs batches.
 
 They are handed to tests as fixtures (``make_llama``, ``make_batches``, ``train_step``), never
 imported, so that no test depends on which ``conftest`` module is first on ``sys.path``.
@@ -10,24 +10,6 @@ import pydoc_data.topics
 
 import pytest
 import torch
-
-
-def tiny_llama(hidden: int = 32, layers: int = 2, intermediate: int = 88, heads: int = 4, seed: int = 0):
-    """A randomly initialised ``LlamaForCausalLM`` over bytes (vocab 256), untied head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def docs_bytes() -> torch.Tensor:
@@ -53,8 +35,20 @@ def lm_step(model, optimizer, tokens: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def make_llama():
-    return tiny_llama
+def make_llama(tiny_llama):
+    """The shared ``tiny_llama`` (tests/conftest.py) under the short names these tests use."""
+
+    def make(hidden: int = 32, layers: int = 2, intermediate: int = 88, heads: int = 4, seed: int = 0):
+        return tiny_llama(
+            seed=seed,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="session")
