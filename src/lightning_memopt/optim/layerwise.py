@@ -167,6 +167,33 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"LayerwiseOptimizer({self.optimizer!r})"
 
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: the inner optimizer (with its parameters and
+        state) and every option, without the gradient hooks and the step hooks.
+
+        A copy is a layer-wise optimizer of the *copied* parameters: :meth:`__setstate__` hooks
+        those, never the original's. Copy the model and the optimizer together
+        (``copy.deepcopy((model, opt))``, or one ``pickle.dumps`` of both) and the copied model
+        trains layer-wise with the copied optimizer; copy the optimizer alone and it hooks its own
+        detached copies of the parameters, leaving the original model and optimizer untouched.
+        As for any torch optimizer, step hooks (:meth:`register_step_pre_hook` ...) are not
+        copied. A ``boundary`` callable must itself be picklable to pickle the optimizer.
+        """
+        state = {k: v for k, v in self.__dict__.items() if k != "_hooks"}
+        state["_optimizer_step_pre_hooks"] = OrderedDict()
+        state["_optimizer_step_post_hooks"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hooks = {}
+        # A copy taken inside a backward pass starts outside one.
+        self._in_backward = False
+        self._stepping_now = False
+        self._update_open = False
+        self._register_hooks()
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's state dict (interchangeable with that of the unwrapped optimizer)."""
         return self.optimizer.state_dict()
