@@ -18,21 +18,14 @@ from lightning_memopt.layers import apply_activation_checkpointing, is_activatio
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class LlamaModule(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
+# The shared ``tiny_llama`` fixture at these tests' sizes.
+LLAMA = dict(vocab_size=64, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64)
 
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        self.model = LlamaForCausalLM(config)
+
+class LlamaModule(L.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
         self.checkpointed_during_fit: list[bool] = []
 
     def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -43,21 +36,17 @@ class LlamaModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def fit(callbacks) -> LlamaModule:
-    torch.manual_seed(0)
-    model = LlamaModule()
-    loader = DataLoader(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, loader)
-    return model
+@pytest.fixture
+def fit(tiny_llama, quiet_trainer):
+    """``fit(callbacks)``: one epoch of the tiny LLaMA (same weights and data every time)."""
+
+    def run(callbacks) -> LlamaModule:
+        model = LlamaModule(tiny_llama(**LLAMA))
+        loader = DataLoader(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
+        quiet_trainer(max_epochs=1, callbacks=callbacks).fit(model, loader)
+        return model
+
+    return run
 
 
 def assert_same(a: nn.Module, b: nn.Module) -> None:
@@ -66,7 +55,7 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
-def test_fit_with_checkpointing_equals_fit_without(policy: str) -> None:
+def test_fit_with_checkpointing_equals_fit_without(policy: str, fit) -> None:
     reference = fit([])
     model = fit([ActivationCheckpointing(policy=policy)])
     assert_same(reference, model)
@@ -75,9 +64,8 @@ def test_fit_with_checkpointing_equals_fit_without(policy: str) -> None:
     assert not is_activation_checkpointed(model)  # undone at teardown
 
 
-def test_callback_does_not_double_wrap_what_a_strategy_wrapped() -> None:
-    torch.manual_seed(0)
-    model = LlamaModule()
+def test_callback_does_not_double_wrap_what_a_strategy_wrapped(tiny_llama) -> None:
+    model = LlamaModule(tiny_llama(**LLAMA))
     by_strategy = apply_activation_checkpointing(model)  # what apollo_fsdp's own option does
     callback = ActivationCheckpointing()
     callback.on_fit_start(None, model)  # type: ignore[arg-type]
@@ -86,12 +74,12 @@ def test_callback_does_not_double_wrap_what_a_strategy_wrapped() -> None:
     assert is_activation_checkpointed(model)  # the strategy's checkpointing stays
 
 
-def test_named_blocks() -> None:
+def test_named_blocks(fit) -> None:
     model = fit([ActivationCheckpointing(blocks=["model.model.layers.1"])])
     assert model.checkpointed_during_fit == [True] * 3
 
 
-def test_offloading_on_cpu_is_a_no_op_that_warns_once(monkeypatch) -> None:
+def test_offloading_on_cpu_is_a_no_op_that_warns_once(monkeypatch, fit) -> None:
     monkeypatch.setattr(offload, "_warned_no_cuda", False)
     reference = fit([])
     with pytest.warns(UserWarning, match="CUDA is not available") as record:

@@ -42,20 +42,10 @@ class Plain(nn.Module):
         return nn.functional.cross_entropy(self.head(x).flatten(0, 1), tokens.flatten())
 
 
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+# The shared ``tiny_llama`` fixture at these tests' sizes: 3 blocks, grouped-query attention.
+LLAMA = dict(
+    vocab_size=64, intermediate_size=64, num_hidden_layers=3, num_key_value_heads=2, max_position_embeddings=64
+)
 
 
 def llama_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,9 +66,9 @@ def loss_and_grads(model: nn.Module, loss_fn, tokens: torch.Tensor) -> tuple[tor
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
 @pytest.mark.parametrize("kind", ["plain", "llama"])
-def test_outputs_and_gradients_are_identical(kind: str, policy: str) -> None:
+def test_outputs_and_gradients_are_identical(kind: str, policy: str, tiny_llama) -> None:
     torch.manual_seed(0)
-    model, loss_fn = (Plain(), plain_loss) if kind == "plain" else (tiny_llama(), llama_loss)
+    model, loss_fn = (Plain(), plain_loss) if kind == "plain" else (tiny_llama(**LLAMA), llama_loss)
     tokens = torch.randint(0, 50, (2, 16))
     reference = copy.deepcopy(model)
 
@@ -94,8 +84,8 @@ def test_outputs_and_gradients_are_identical(kind: str, policy: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["plain", "llama"])
-def test_activation_bytes_fall(kind: str) -> None:
-    model, loss_fn = (Plain(depth=4, width=64), plain_loss) if kind == "plain" else (tiny_llama(), llama_loss)
+def test_activation_bytes_fall(kind: str, tiny_llama) -> None:
+    model, loss_fn = (Plain(depth=4, width=64), plain_loss) if kind == "plain" else (tiny_llama(**LLAMA), llama_loss)
     tokens = torch.randint(0, 50, (4, 32))
 
     def measure() -> int:
@@ -125,8 +115,8 @@ def test_never_wraps_twice_and_can_be_removed() -> None:
     assert not is_activation_checkpointed(model) and "forward" not in model.blocks[0].__dict__
 
 
-def test_hf_gradient_checkpointing_counts_as_checkpointed() -> None:
-    model = tiny_llama()
+def test_hf_gradient_checkpointing_counts_as_checkpointed(tiny_llama) -> None:
+    model = tiny_llama(**LLAMA)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     assert is_activation_checkpointed(model)
@@ -147,8 +137,8 @@ def test_named_blocks_and_errors() -> None:
         apply_activation_checkpointing(Plain(), policy="sometimes")
 
 
-def test_llama_turns_the_kv_cache_off() -> None:
-    model = tiny_llama()
+def test_llama_turns_the_kv_cache_off(tiny_llama) -> None:
+    model = tiny_llama(**LLAMA)
     apply_activation_checkpointing(model)
     assert model.config.use_cache is False
 
