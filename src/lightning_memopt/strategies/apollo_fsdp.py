@@ -18,15 +18,19 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.model_parallel import _has_dtensor_modules
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+from lightning.fabric.strategies.model_parallel import _has_dtensor_modules, _is_sharded_checkpoint
 from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -36,6 +40,10 @@ from typing_extensions import override
 
 from lightning_memopt.layers.blocks import find_transformer_blocks
 from lightning_memopt.layers.checkpointing import apply_activation_checkpointing
+
+# The module, not its names: importing atomic imports Lightning, whose import registers this
+# strategy, which then finds atomic partially initialized.
+from . import atomic
 
 # Lightning precision flags that FSDP2 handles here (those of ModelParallelStrategy).
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
@@ -208,6 +216,9 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
             (``self.device_mesh["tensor_parallel"]``).
         save_distributed_checkpoint: save a folder of shards with
             ``torch.distributed.checkpoint`` (default; re-shardable) or one full file from rank 0.
+            Either is crash-safe: written under ``name.tmp-<pid>`` and renamed into place once
+            complete (:mod:`~lightning_memopt.strategies.atomic`), so a run killed during a
+            save resumes from the previous checkpoint.
         process_group_backend, timeout: as in Lightning's ``ModelParallelStrategy``.
 
     Example:
@@ -250,6 +261,9 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         self.reduce_dtype = _as_dtype(reduce_dtype, "reduce_dtype")
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
+        # Crash-safe single-file saves (save_distributed_checkpoint=False); a CheckpointIO
+        # plugin given to the Trainer replaces it.
+        self._checkpoint_io = atomic.AtomicCheckpointIO()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -398,6 +412,55 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         configure = getattr(self.lightning_module.configure_optimizers, "func", None)
         built_by_cli = getattr(configure, "__qualname__", "").endswith("LightningCLI.configure_optimizers")
         check_optimizers(self.optimizers, self.lightning_module, built_by_cli=built_by_cli)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save crash-safely: the folder of shards (or the full file) is written under a temporary
+        sibling ``name.tmp-<pid>`` and renamed into place only once every rank has finished."""
+        if not self._save_distributed_checkpoint:
+            path = Path(self.broadcast(str(filepath)))
+            if path.is_dir() and not _is_sharded_checkpoint(path):
+                raise IsADirectoryError(
+                    f"apollo_fsdp: the checkpoint path {str(path)!r} is a directory that is not a distributed "
+                    "checkpoint; choose another file name, or remove the directory."
+                )
+            # The CheckpointIO (AtomicCheckpointIO) writes on rank 0; a folder of shards saved earlier
+            # under this name is replaced by the file atomically.
+            super(ModelParallelStrategy, self).save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                f"ApolloFSDPStrategy.save_checkpoint(..., storage_options={storage_options!r}): a distributed "
+                "checkpoint is written by torch.distributed.checkpoint, which takes no storage options. Drop them."
+            )
+        # Every rank writes into the same temporary folder (rank 0's name), on a shared file system.
+        path = Path(self.broadcast(str(filepath)))
+        tmp = atomic.temporary_sibling(path, pid=self.broadcast(os.getpid()))
+        if self.is_global_zero:
+            atomic.recover_interrupted_replace(path)
+            atomic.remove_stale_temporaries(path)
+            tmp.mkdir(parents=True)
+        self.barrier("apollo_fsdp_checkpoint_folder")
+        converted_state = {"state_dict": checkpoint.pop("state_dict")}
+        converted_state.update(
+            {f"optimizer_{idx}": state for idx, state in enumerate(checkpoint.pop("optimizer_states", []))}
+        )
+        _distributed_checkpoint_save(converted_state, tmp)
+        if self.is_global_zero:
+            torch.save(checkpoint, tmp / _METADATA_FILENAME)
+        self.barrier("apollo_fsdp_checkpoint_written")
+        if self.is_global_zero:
+            atomic.fsync_tree(tmp)
+            atomic.atomic_replace(tmp, path)
+        self.barrier("apollo_fsdp_checkpoint_renamed")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.is_global_zero:
+            atomic.recover_interrupted_replace(checkpoint_path)
+        self.barrier("apollo_fsdp_checkpoint_recovered")
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 def register_strategies() -> None:
