@@ -41,23 +41,17 @@ class TinyModule(L.LightningModule):
         )
 
 
-def trainer(tmp_path: Path, profiler: MemoryProfiler, **kwargs: object) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[profiler],
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
+@pytest.fixture
+def trainer(quiet_trainer):
+    """``trainer(tmp_path, profiler, **kwargs)``: 4 quiet steps with the profiler."""
+
+    def make(tmp_path: Path, profiler: MemoryProfiler, **kwargs: object) -> L.Trainer:
+        return quiet_trainer(**dict(max_steps=4, default_root_dir=tmp_path, callbacks=[profiler]) | kwargs)
+
+    return make
 
 
-def test_fit_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
+def test_fit_logs_metrics_and_writes_the_report(tmp_path: Path, trainer) -> None:
     profiler = MemoryProfiler(interval=2, report_path=tmp_path / "memory.json", table=False)
     logger = CSVLogger(tmp_path, name="csv", version=0)
     trainer(tmp_path, profiler, logger=logger).fit(TinyModule())
@@ -65,7 +59,7 @@ def test_fit_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "memory.json").read_text())
     assert report == json.loads(json.dumps(profiler.report))
     history = report["ranks"][0]["history"]
-    assert [r["step"] for r in history] == [0, 2]
+    assert [r["step"] for r in history] == [0, 2, 3]  # every 2 steps, and the last of max_steps=4
     for record in history:
         assert record["params_bytes"] == 4 * NUMEL
         assert record["grads_bytes"] == 4 * NUMEL  # measured in on_before_optimizer_step
@@ -76,7 +70,7 @@ def test_fit_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
     with open(Path(logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     logged = [r for r in rows if r.get("memory/optimizer_state_bytes")]
-    assert len(logged) == 2
+    assert len(logged) == 3
     assert float(logged[0]["memory/optimizer_state_bytes"]) == 8 * NUMEL + 16
     assert {
         "memory/params_bytes",
@@ -86,7 +80,7 @@ def test_fit_logs_metrics_and_writes_the_report(tmp_path: Path) -> None:
     } <= set(rows[0])
 
 
-def test_no_logger_unwritable_path_and_accumulation(tmp_path: Path) -> None:
+def test_no_logger_unwritable_path_and_accumulation(tmp_path: Path, trainer) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     profiler = MemoryProfiler(interval=1, report_path=blocker / "memory.json", table=True)
@@ -110,7 +104,7 @@ def test_yaml_fragment_builds_the_callback() -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_report_both_ranks(tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes_report_both_ranks(tmp_path: Path, trainer) -> None:
     profiler = MemoryProfiler(interval=1, report_path=tmp_path / "memory.json", table=False, plot=False)
     trainer(tmp_path, profiler, strategy="ddp_spawn", devices=2, max_steps=2).fit(TinyModule())
     report = json.loads((tmp_path / "memory.json").read_text())

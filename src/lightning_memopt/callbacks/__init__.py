@@ -6,6 +6,7 @@ Example:
 """
 
 from .activation_checkpointing import ActivationCheckpointing, ActivationOffloading
+from .checkpoint_on_stop import CheckpointOnStop
 from .early_exit import EarlyExit
 from .layerwise import LayerwiseUpdates
 from .memory_profiler import MemoryProfiler
@@ -15,6 +16,7 @@ from .quantization import Int8Weights
 __all__ = [
     "ActivationCheckpointing",
     "ActivationOffloading",
+    "CheckpointOnStop",
     "EarlyExit",
     "Int8Weights",
     "LayerwiseUpdates",

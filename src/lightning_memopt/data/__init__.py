@@ -15,10 +15,13 @@ import importlib
 from typing import Any
 
 from .corpus import load_corpus, path_documents, pydoc_documents, stdlib_documents
+from .resumable import ResumableDataLoader, ResumableSampler
 from .tokenizer import EOS_TOKEN, build_tokenizer, byte_tokenizer, default_cache_dir, train_bpe_tokenizer
 
 __all__ = [
     "EOS_TOKEN",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "TextDataModule",
     "build_tokenizer",
     "byte_tokenizer",

@@ -22,12 +22,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from .corpus import load_corpus
+from .resumable import ResumableDataLoader
 from .tokenizer import build_tokenizer, corpus_fingerprint, default_cache_dir
 
 # Bumped when the block layout changes, so stale cached datasets are not reused.
@@ -67,8 +69,14 @@ class TextDataModule(LightningDataModule):
             ``$LIGHTNING_MEMOPT_CACHE`` or ``~/.cache/lightning_memopt``).
         num_workers: ``DataLoader`` worker processes.
         seed: seed of the train/validation split and of the training shuffle.
+        prompts: what ``predict`` continues: a list of prompts, or a path to a text file
+            with one prompt per line. ``None``: ``num_prompts`` held-out prompts, a line from
+            the start of each of the first validation blocks.
+        num_prompts: how many held-out prompts ``predict`` uses when ``prompts`` is ``None``.
 
-    ``test`` and ``predict`` use the validation blocks.
+    ``test`` uses the validation blocks. The training loader resumes mid-epoch: a checkpoint
+    records the batches consumed, and ``fit(ckpt_path=...)`` continues with the next one
+    (:class:`~lightning_memopt.data.resumable.ResumableDataLoader`).
 
     Example:
         >>> dm = TextDataModule(sources=["pydoc", "stdlib"], bpe_vocab_size=8192, seq_len=256)
@@ -89,6 +97,8 @@ class TextDataModule(LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 1234,
+        prompts: str | list[str] | None = None,
+        num_prompts: int = 4,
     ) -> None:
         super().__init__()
         if seq_len < 2:
@@ -97,6 +107,13 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if num_prompts < 1:
+            raise ValueError(f"data.num_prompts must be at least 1, got {num_prompts}.")
+        if isinstance(prompts, str) and not Path(prompts).expanduser().is_file():
+            raise ValueError(
+                f"data.prompts={prompts!r} is not a file; give a text file with one prompt per line, "
+                'or a list of prompts (--data.init_args.prompts=\'["def main(", "The for statement"]\').'
+            )
         self.save_hyperparameters()
         self.sources = sources
         self.tokenizer_name = tokenizer
@@ -109,6 +126,9 @@ class TextDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers = num_workers
         self.seed = seed
+        self.prompts = prompts
+        self.num_prompts = num_prompts
+        self._train_loader: ResumableDataLoader | None = None
         self._documents: list[str] | None = None
         self._tokenizer = None
         self._splits = None
@@ -229,25 +249,79 @@ class TextDataModule(LightningDataModule):
         """The validation blocks."""
         return self._split("validation")
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _loader(self, dataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training blocks (a seeded permutation per epoch), resumable mid-epoch."""
+        self._train_loader = ResumableDataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this once per batch as the training step takes it (it fetches one
+        # batch ahead, so the loader's own count would run one ahead): what a checkpoint records.
+        trainer = self.trainer
+        if self._train_loader is not None and trainer is not None and trainer.training:
+            self._train_loader.batch_consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)
+
+    def prompt_texts(self) -> list[str]:
+        """The prompts ``predict`` continues (see ``prompts``).
+
+        Example:
+            >>> TextDataModule(tokenizer="byte", prompts=["def f(", "The"]).prompt_texts()
+            ['def f(', 'The']
+        """
+        if isinstance(self.prompts, str):
+            lines = Path(self.prompts).expanduser().read_text(encoding="utf-8").splitlines()
+            texts = [line for line in lines if line.strip()]
+        elif self.prompts is not None:
+            texts = [str(p) for p in self.prompts if str(p)]
+        else:
+            texts = self._held_out_prompts()
+        if not texts:
+            raise ValueError(f"data.prompts={self.prompts!r} holds no prompt; give at least one non-empty line.")
+        return texts
+
+    def _held_out_prompts(self) -> list[str]:
+        # A whole line from each validation block (blocks start mid-text; the first full line
+        # reads as a prompt), cut at a word boundary: text the model never trained on.
+        texts: list[str] = []
+        for ids in self.val_dataset[: 8 * self.num_prompts]["input_ids"]:
+            lines = self.tokenizer.decode(ids.tolist()).splitlines()[1:]
+            line = next((ln.strip() for ln in lines if len(ln.strip()) >= 24), "")
+            if line:
+                cut = line[:48].rsplit(" ", 1)[0] if len(line) > 48 else line
+                texts.append(cut)
+            if len(texts) == self.num_prompts:
+                break
+        return texts
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        """One prompt per batch: ``{"prompt": str, "input_ids": 1 x length}`` (no padding)."""
+        items = []
+        for text in self.prompt_texts():
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"data.prompts: {text!r} tokenises to nothing; give a longer prompt.")
+            items.append({"prompt": text, "input_ids": torch.tensor([ids], dtype=torch.long)})
+        return DataLoader(items, batch_size=None)

@@ -161,7 +161,8 @@ def render_table(report: Mapping[str, Any]) -> Any:
     several = len(ranks) > 1
     title = f"Memory per device (rank 0 of {len(ranks)})" if several else "Memory per device"
     if final.get("step") is not None:
-        title += f", step {final['step']}"
+        # Records count steps from 0 (the first optimizer step); people count from 1.
+        title += f", after step {final['step'] + 1}"
     source = ranks[0].get("peak_source", "") if ranks else ""
     table = Table(
         title=title,

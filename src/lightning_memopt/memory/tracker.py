@@ -7,7 +7,10 @@ A trainer adapter calls four methods, in training order:
    exist (Lightning ``on_before_optimizer_step``, HF ``on_pre_optimizer_step``);
 3. :meth:`MemoryTracker.on_step_end` after each optimizer step, once the optimizer state
    exists (Lightning ``on_train_batch_end``, HF ``on_step_end``); it returns the new record on
-   the steps it measured (every ``interval`` optimizer steps, starting with step 0), else None;
+   the steps it measured, else None. Measured: every ``interval`` optimizer steps (0,
+   interval, ...), the first step of the run (after a resume, the checkpoint's step, not 0),
+   and the step the adapter calls ``final`` (the last of the run), so that the report ends
+   where training ended;
 4. :meth:`MemoryTracker.finish` once at the end: gathers the per-rank entries to rank 0
    (``torch.distributed.all_gather_object`` when a process group is initialized; every rank
    must call it), writes the JSON report and the PNG plot and prints the table on rank 0.
@@ -172,6 +175,7 @@ class MemoryTracker:
         self._device_overhead = 0
         self._pending_grads: tuple[int, int, dict[str, int]] | None = None
         self._last_step = -1
+        self._seen_step = -1
         self._failed = False
         self._recording_history = False
 
@@ -181,7 +185,7 @@ class MemoryTracker:
         the process baseline and the first peak interval."""
         self.started = True
         self.history, self.notes, self.last_breakdown, self.report = [], [], None, None
-        self._pending_grads, self._last_step, self._failed = None, -1, False
+        self._pending_grads, self._last_step, self._seen_step, self._failed = None, -1, -1, False
         try:
             self._start(model)
         except Exception as err:
@@ -209,13 +213,17 @@ class MemoryTracker:
         if not self._peak.read()["peak_resettable"]:
             self.notes.append("peak: could not be reset per interval; it is the peak since the process started")
 
-    def due(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is measured and not measured yet."""
-        return step >= 0 and step % self.interval == 0 and step != self._last_step
+    def due(self, step: int, final: bool = False) -> bool:
+        """Whether optimizer step ``step`` (0-based) is measured and not measured yet: every
+        ``interval`` steps, the run's first step and its ``final`` one."""
+        if step < 0 or step == self._last_step:
+            return False
+        return final or step % self.interval == 0 or not self.history
 
-    def on_gradients(self, model: nn.Module, step: int) -> None:
-        """Just before optimizer step ``step``: note the gradients' bytes if the step is due."""
-        if not self.due(step) or self._failed:
+    def on_gradients(self, model: nn.Module, step: int, final: bool = False) -> None:
+        """Just before optimizer step ``step``: note the gradients' bytes if the step is due
+        (``final``: the run's last step)."""
+        if not self.due(step, final) or self._failed:
             return
         try:
             total, by_device = gradient_bytes(model)
@@ -224,9 +232,10 @@ class MemoryTracker:
             return
         self._pending_grads = (step, total, by_device)
 
-    def on_step_end(self, model: nn.Module, optimizer: Any, step: int) -> dict[str, Any] | None:
+    def on_step_end(self, model: nn.Module, optimizer: Any, step: int, final: bool = False) -> dict[str, Any] | None:
         """After optimizer step ``step``: the new record if the step is due, else None."""
-        if not self.due(step) or self._failed:
+        self._seen_step = max(self._seen_step, step)
+        if not self.due(step, final) or self._failed:
             return None
         if not self.started:
             self.start(model)
@@ -306,14 +315,16 @@ class MemoryTracker:
     def finish(self, model: nn.Module | None = None, optimizer: Any = None) -> dict[str, Any]:
         """Gather every rank's entry, write the files and print the table (rank 0); the report.
 
-        With no record yet (training stopped before step 0 ended), ``model`` and ``optimizer``
-        are measured once so that the report is not empty.
+        If the last step seen was not measured (no adapter said ``final``), or there is no record
+        yet (training stopped before its first step ended), ``model`` and ``optimizer`` are
+        measured now, so that the report ends where training ended and is never empty.
         """
-        if not self.history and model is not None and not self._failed:
+        unmeasured = not self.history or self._seen_step > self._last_step
+        if unmeasured and model is not None and not self._failed:
             if not self.started:
                 self.start(model)
             try:
-                self._measure(model, optimizer, max(self._last_step, 0))
+                self._measure(model, optimizer, max(self._seen_step, self._last_step, 0))
             except Exception as err:
                 self._fail(err)
         if self._recording_history:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_memopt.layers.chunked_loss import chunked_causal_lm_loss
-from lightning_memopt.optim import APOLLOMini, apollo_param_groups
+from lightning_memopt.optim import APOLLOMini, apollo_param_groups, create_optimizer, get_optimizer_spec
 
 from .llama import LLAMA_SIZES, PAPER_VOCAB_SIZE, build_llama
 
@@ -126,6 +126,53 @@ def check_model_name(name: str) -> None:
         )
 
 
+def _probe_groups() -> list[dict[str, Any]]:
+    # One matrix for the low-rank group, one vector for the rest: enough for an optimizer's
+    # constructor to check its options.
+    return [
+        {"params": [nn.Parameter(torch.zeros(8, 8))], "low_rank": True},
+        {"params": [nn.Parameter(torch.zeros(8))], "low_rank": False},
+    ]
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Raise a ``ValueError`` naming the field if ``optimizer`` (a registry name or an
+    ``OptimizerCallable``) cannot build an optimizer: an unknown name lists the valid ones, a
+    bad option value says what the optimizer refused. It is built once on two tiny tensors.
+
+    Example:
+        >>> check_optimizer("apollo")
+        >>> check_optimizer("apolo")
+        Traceback (most recent call last):
+        ...
+        ValueError: model.optimizer='apolo': unknown optimizer name 'apolo'; registered names: ...
+    """
+    if isinstance(optimizer, str):
+        try:
+            spec = get_optimizer_spec(optimizer)
+        except ValueError as err:
+            raise ValueError(
+                f"model.optimizer={optimizer!r}: {err} Or a class: APOLLO, APOLLOMini, torch.optim.AdamW, ..."
+            ) from None
+        if spec.layerwise:
+            raise ValueError(
+                f"model.optimizer={optimizer!r} asks for layer-wise updates, which a callback drives in Lightning: "
+                f"use optimizer {optimizer.removesuffix('_layerwise')!r} with "
+                "--config callbacks/layerwise_updates.yaml."
+            )
+        build: Callable[..., Any] = lambda groups: create_optimizer(optimizer, groups)  # noqa: E731
+    elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        build = optimizer
+    else:
+        return  # configure_optimizers reports the wrong type with the fix
+    try:
+        build(_probe_groups())
+    except (ValueError, TypeError) as err:
+        name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", None)
+        name = name or getattr(getattr(optimizer, "func", None), "__name__", type(optimizer).__name__)
+        raise ValueError(f"model.optimizer ({name}): {err}") from None
+
+
 def build_causal_lm(name: str, vocab_size: int | None = None, overrides: dict[str, Any] | None = None) -> nn.Module:
     """A causal LM from a LLaMA size name (:data:`~lightning_memopt.models.LLAMA_SIZES`) or a
     local Hugging Face checkpoint folder (loaded offline with ``AutoModelForCausalLM``).
@@ -164,7 +211,10 @@ class CausalLM(LightningModule):
         optimizer: builds the optimizer from param groups, e.g. ``partial(APOLLOMini, lr=1e-2)``
             or, in YAML, ``{class_path: APOLLOMini, init_args: {lr: 0.01}}``. It receives
             :func:`~lightning_memopt.optim.apollo_param_groups` (the blocks' linear layers
-            flagged ``low_rank``, the rest not), which any torch optimizer accepts.
+            flagged ``low_rank``, the rest not), which any torch optimizer accepts. Or a
+            registry name (``"apollo"``, ``"apollo_mini"``, ``"adamw"``, ``"adamw8bit"``:
+            :func:`~lightning_memopt.optim.available_optimizers`) with the registry's defaults.
+            Checked when the module is built (a bad value fails before any training starts).
         lr_scheduler: builds a scheduler from the optimizer (stepped every optimizer step),
             e.g. :class:`WarmupCosineLR`.
         vocab_size: the embedding size of a LLaMA built by size; by default the data module's
@@ -179,6 +229,18 @@ class CausalLM(LightningModule):
             they are a small model's largest activation. ``None``: the model's own loss. For
             LLaMA-family decoders (``model_type`` llama, mistral, qwen2, qwen3), whose logits are
             the LM head applied to the last hidden state; not under FSDP (the head is sharded).
+        max_new_tokens: ``predict``: tokens generated per prompt.
+        temperature: ``predict``: 0 for greedy decoding, else sampling at this temperature.
+        top_k: ``predict``: sample among the ``top_k`` likeliest tokens (with ``temperature > 0``).
+        exit_threshold: ``predict`` with early exits: a token leaves at the first exit whose top
+            probability reaches it (greedy; 1.0 runs every block).
+
+    ``predict`` generates text from the data module's prompts
+    (:meth:`~lightning_memopt.data.TextDataModule.prompt_texts`): one dict per prompt with
+    ``prompt``, ``text`` (the continuation), ``prompt_tokens``, ``new_tokens`` and, for a model
+    with early exits, ``exits`` (the block each new token left at; the last block is
+    ``num_layers - 1``) and ``mean_blocks`` (blocks run per token). The generation settings are
+    not saved in checkpoints, so the command line's apply to a trained model.
 
     The model is built in ``configure_model`` (after the data module's tokenizer is known, and
     inside the strategy's initialisation context, so a sharding strategy can build it on the
@@ -201,22 +263,37 @@ class CausalLM(LightningModule):
     def __init__(
         self,
         model_name: str = "tiny",
-        optimizer: OptimizerCallable = APOLLOMini,
+        optimizer: OptimizerCallable | str = APOLLOMini,
         lr_scheduler: LRSchedulerCallable | None = None,
         vocab_size: int | None = None,
         model_overrides: dict[str, Any] | None = None,
         target_modules: str | list[str] | None = None,
         loss_chunk_size: int | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        exit_threshold: float = 0.9,
     ) -> None:
         super().__init__()
         check_model_name(model_name)  # fail before any data is prepared
+        check_optimizer(optimizer)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens={max_new_tokens!r} must be a positive number of tokens.")
+        if not temperature >= 0:
+            raise ValueError(f"model.temperature={temperature!r} must be >= 0 (0: greedy decoding).")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"model.top_k={top_k!r} must be a positive integer or null.")
         if loss_chunk_size is not None and (
             isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
         ):
             raise ValueError(
                 f"model.loss_chunk_size={loss_chunk_size!r} must be a positive number of tokens (e.g. 1024) or null."
             )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # Generation settings stay out of the checkpoint: LightningCLI applies a checkpoint's
+        # hyperparameters over the command line, which would then not change them for predict.
+        self.save_hyperparameters(
+            ignore=["optimizer", "lr_scheduler", "max_new_tokens", "temperature", "top_k", "exit_threshold"]
+        )
         self.model_name = model_name
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -224,6 +301,10 @@ class CausalLM(LightningModule):
         self.model_overrides = model_overrides
         self.target_modules = target_modules
         self.loss_chunk_size = loss_chunk_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.exit_threshold = float(exit_threshold)
         self.model: nn.Module | None = None
         self.loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
         self.train_tokens = 0
@@ -325,12 +406,51 @@ class CausalLM(LightningModule):
         self.log("test/loss", loss, sync_dist=True)
         return loss
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Per-sequence mean negative log-likelihood (lower is better)."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Continue one prompt (a batch of ``predict_dataloader``): the prompt, the generated
+        text and token counts, and for a model with early exits the exit of every new token."""
+        from lightning_memopt.layers import get_early_exits
+
         input_ids = batch["input_ids"]
-        logits = self(input_ids).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        return nll.mean(dim=1)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if self.model is None:
+            raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        eos = getattr(tokenizer, "eos_token_id", None)
+        result: dict[str, Any] = {"prompt": batch.get("prompt")}
+        if get_early_exits(self.model) is not None:
+            from lightning_memopt.layers import early_exit_generate
+
+            out = early_exit_generate(self.model, input_ids, self.max_new_tokens, self.exit_threshold, eos)
+            sequences = out.sequences
+            exits = [int(e) for e in out.exit_layers[0].tolist() if e >= 0]
+            result.update(exits=exits, mean_blocks=round(sum(e + 1 for e in exits) / max(len(exits), 1), 3))
+        else:
+            sampling = self.temperature > 0
+            options: dict[str, Any] = {"do_sample": sampling}
+            if sampling:
+                options.update(temperature=self.temperature, top_k=self.top_k or 0)
+            sequences = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=eos if eos is not None else 0,
+                **options,
+            )
+        new = sequences[0, input_ids.shape[1] :].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        if "exits" in result:
+            result["exits"] = result["exits"][: len(new)]
+        result.update(
+            text=tokenizer.decode(new) if tokenizer is not None else None,
+            prompt_tokens=int(input_ids.shape[1]),
+            new_tokens=len(new),
+            token_ids=new,
+        )
+        return result
 
     # -- optimizer ---------------------------------------------------------------------------------
 
@@ -353,13 +473,18 @@ class CausalLM(LightningModule):
             return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        if isinstance(self.optimizer, torch.optim.Optimizer) or not callable(self.optimizer):
+        if isinstance(self.optimizer, torch.optim.Optimizer) or not (
+            callable(self.optimizer) or isinstance(self.optimizer, str)
+        ):
             raise TypeError(
                 f"CausalLM(optimizer=...) takes a callable that builds the optimizer from parameters "
                 f"(e.g. functools.partial(APOLLOMini, lr=1e-2), or class_path/init_args in YAML), "
                 f"got {type(self.optimizer).__name__}."
             )
-        optimizer = self.optimizer(self.param_groups())
+        if isinstance(self.optimizer, str):
+            optimizer = create_optimizer(self.optimizer, self.param_groups())
+        else:
+            optimizer = self.optimizer(self.param_groups())
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
