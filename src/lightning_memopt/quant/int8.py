@@ -39,7 +39,20 @@ exactly as the uninterrupted run. The seed is derived from ``torch.initial_seed(
 rounding state: 1 byte per weight on disk too); loading it into an int8 model restores it
 bit for bit, and into a float model dequantizes it. Importing this module allowlists the class
 for ``torch.load(..., weights_only=True)``. :func:`dequantize_linear_weights` turns the model
-back into float weights (e.g. before ``save_pretrained``).
+back into float weights.
+
+**safetensors, save_pretrained.** safetensors stores plain tensors only, so the state dict of a
+Hugging Face model (anything with ``save_pretrained``) that :func:`quantize_linear_weights`
+converted is *flat* when that model is the root of the ``state_dict()`` call: each INT8 weight
+``<name>.weight`` becomes three plain tensors, ``<name>.weight.int8_data`` (int8),
+``<name>.weight.int8_scales`` (fp32) and ``<name>.weight.int8_state`` (int64: rounding seed,
+rounding counter, group size, float dtype code), see :func:`flatten_int8_state_dict`. Hence
+``save_pretrained``, ``Trainer.save_model`` and the Trainer's ``save_steps`` checkpoints write
+1 byte per weight, and the quantized layers' ``load_state_dict`` accepts the flat form (a
+resumed Trainer run rounds exactly as the uninterrupted one). The same model inside another
+module (Lightning's ``CausalLM``) keeps the ``Int8Weight`` form in that module's state dict.
+:func:`load_int8_pretrained` loads such a folder back; :func:`save_dequantized_pretrained`
+exports plain bf16 weights for ``from_pretrained``.
 
 Example:
     >>> import torch
@@ -73,13 +86,19 @@ from ..optim.sharding import is_dtensor
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "INT8_STATE_SUFFIXES",
     "Int8Weight",
     "dequantize_int8",
     "dequantize_linear_weights",
+    "dequantize_state_dict",
+    "flatten_int8_state_dict",
     "is_int8_weight",
+    "load_int8_pretrained",
     "quantize_int8",
     "quantize_linear_weights",
+    "save_dequantized_pretrained",
     "stochastic_round",
+    "unflatten_int8_state_dict",
 ]
 
 DEFAULT_GROUP_SIZE = 128
@@ -603,6 +622,7 @@ def quantize_linear_weights(
         int8 = Int8Weight.from_float(weight.detach(), group_size, seed=_weight_seed(name, seed))
         _replace_parameter(model, weight, nn.Parameter(int8, requires_grad=weight.requires_grad))
         converted.append(name)
+    _install_state_dict_hooks(model)
     return converted
 
 
@@ -625,3 +645,238 @@ def dequantize_linear_weights(model: nn.Module) -> list[str]:
             _replace_parameter(model, param, nn.Parameter(param.dequantize(), requires_grad=param.requires_grad))
             converted.append(name)
     return converted
+
+
+# ---------------------------------------------------------------------------- flat (safetensors) form
+#: Suffixes of the three plain tensors that stand for one INT8 weight in a flat state dict.
+INT8_STATE_SUFFIXES = (".int8_data", ".int8_scales", ".int8_state")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_HOOKED = "_memopt_int8_state_dict_hooks"
+
+
+def _flat_entries(key: str, weight: Int8Weight) -> dict[str, torch.Tensor]:
+    seed, counter = weight._rounding
+    state = torch.tensor([seed, counter, weight.group_size, _DTYPE_CODES[weight.dtype]], dtype=torch.int64)
+    data, scales, meta = (key + suffix for suffix in INT8_STATE_SUFFIXES)
+    return {data: weight.int8_data.detach().contiguous(), scales: weight.scales.detach().contiguous(), meta: state}
+
+
+def _from_flat(key: str, state_dict: dict[str, Any], pop: bool) -> Int8Weight:
+    take = state_dict.pop if pop else state_dict.__getitem__
+    data, scales, meta = (take(key + suffix) for suffix in INT8_STATE_SUFFIXES)
+    seed, counter, group_size, dtype_code = (int(v) for v in meta.tolist())
+    return Int8Weight(data, scales.float(), group_size, _CODE_DTYPES[dtype_code], [seed, counter])
+
+
+def _flat_keys(state_dict: dict[str, Any]) -> list[str]:
+    """The weight keys that a flat state dict holds in INT8 form."""
+    suffix = INT8_STATE_SUFFIXES[0]
+    return [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
+
+
+def flatten_int8_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` with every :class:`Int8Weight` as three plain tensors
+    (``.int8_data``, ``.int8_scales``, ``.int8_state``): what safetensors can store.
+
+    Example:
+        >>> w = Int8Weight.from_float(torch.ones(2, 4), group_size=2, seed=7)
+        >>> sorted(flatten_int8_state_dict({"fc.weight": w}))
+        ['fc.weight.int8_data', 'fc.weight.int8_scales', 'fc.weight.int8_state']
+    """
+    flat: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, Int8Weight):
+            flat.update(_flat_entries(key, value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten_int8_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_int8_state_dict`: :class:`Int8Weight` values again.
+
+    Example:
+        >>> w = Int8Weight.from_float(torch.ones(2, 4), group_size=2, seed=7)
+        >>> back = unflatten_int8_state_dict(flatten_int8_state_dict({"fc.weight": w}))["fc.weight"]
+        >>> torch.equal(back.int8_data, w.int8_data), back._rounding
+        (True, [7, 0])
+    """
+    result = dict(state_dict)
+    for key in _flat_keys(state_dict):
+        result[key] = _from_flat(key, result, pop=True)
+    return result
+
+
+def dequantize_state_dict(state_dict: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A copy of ``state_dict`` with every INT8 weight (flat or :class:`Int8Weight`) as a plain
+    float tensor, and, when ``dtype`` is given, every floating-point tensor cast to it: what a
+    float model of the same architecture loads.
+
+    Example:
+        >>> w = Int8Weight.from_float(torch.ones(2, 4), group_size=2)
+        >>> dequantize_state_dict(flatten_int8_state_dict({"fc.weight": w}), torch.bfloat16)["fc.weight"].dtype
+        torch.bfloat16
+    """
+    result = unflatten_int8_state_dict(state_dict)
+    for key, value in result.items():
+        if isinstance(value, Int8Weight):
+            result[key] = value.dequantize(dtype)
+        elif dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            result[key] = value.to(dtype)
+    return result
+
+
+def _flatten_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # Only when the Hugging Face model is the root of the call (save_pretrained, the Trainer's
+    # checkpoints): inside another module (Lightning) the state dict keeps Int8Weight values.
+    if prefix:
+        return
+    for key in [k for k, v in state_dict.items() if isinstance(v, Int8Weight)]:
+        weight = state_dict.pop(key)
+        state_dict.update(_flat_entries(key, weight))
+
+
+def _unflatten_hook(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    key = prefix + "weight"
+    if key + INT8_STATE_SUFFIXES[0] in state_dict:
+        state_dict[key] = _from_flat(key, state_dict, pop=True)
+
+
+def _install_state_dict_hooks(model: nn.Module) -> None:
+    """Let the INT8 layers load the flat form, and a Hugging Face model save it."""
+    for module in model.modules():
+        if isinstance(getattr(module, "weight", None), Int8Weight) and not module.__dict__.get(_HOOKED):
+            module.register_load_state_dict_pre_hook(_unflatten_hook)
+            module.__dict__[_HOOKED] = True
+    # Duck-typed (this package's core does not import transformers): a PreTrainedModel.
+    if callable(getattr(model, "save_pretrained", None)) and not model.__dict__.get(_HOOKED):
+        model.register_state_dict_post_hook(_flatten_hook)
+        model.__dict__[_HOOKED] = True
+
+
+def _read_safetensors(folder: Any) -> dict[str, torch.Tensor]:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{folder} holds no model.safetensors (nor its index): pass the folder that save_pretrained or the "
+            "Trainer's save_steps wrote."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name), device="cpu"))
+    return state
+
+
+def load_int8_pretrained(model_or_class: Any, folder: Any, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a folder written by ``save_pretrained`` / the HF Trainer from an INT8 model, INT8 again.
+
+    The float parts (embeddings, norms, head) load through ``from_pretrained`` (when a class is
+    given; its kwargs pass through), then the weights stored in INT8 form are quantized with
+    their saved group size and loaded bit for bit, rounding state included (training continues
+    exactly). A model instance given instead of a class is quantized and loaded in place.
+
+    Args:
+        model_or_class: a Hugging Face model class (``AutoModelForCausalLM``,
+            ``LlamaForCausalLM`` ...) or an already built model of the folder's architecture.
+        folder: the saved folder (``model.safetensors`` or its sharded index).
+
+    Returns:
+        the model, with :class:`Int8Weight` weights where the folder has them.
+
+    Raises:
+        FileNotFoundError: when ``folder`` holds no safetensors weights.
+        ValueError: when the folder names an INT8 weight the model does not have.
+
+    Example:
+        >>> # from transformers import AutoModelForCausalLM
+        >>> # model = load_int8_pretrained(AutoModelForCausalLM, "out/checkpoint-500")
+    """
+    state = _read_safetensors(folder)
+    if isinstance(model_or_class, nn.Module):
+        model = model_or_class
+    else:
+        import logging
+
+        # from_pretrained reports the INT8 weights as missing and their flat parts as unexpected:
+        # both are expected here, loaded below.
+        loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            model = model_or_class.from_pretrained(folder, **from_pretrained_kwargs)
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+    modules = dict(model.named_modules())
+    int8_keys = _flat_keys(state)
+    for key in int8_keys:
+        module_name = key.removesuffix(".weight")
+        module = modules.get(module_name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"{folder} stores {key} in INT8 but {type(model).__name__} has no nn.Linear {module_name!r}: "
+                "load the folder into the architecture that saved it."
+            )
+        group_size = int(state[key + INT8_STATE_SUFFIXES[2]][2])
+        if not is_int8_weight(module.weight):
+            quantize_linear_weights(model, [module_name], group_size=group_size)
+    _install_state_dict_hooks(model)
+    wanted = {k: v for k, v in state.items() if any(k.startswith(w + ".int8_") for w in int8_keys)}
+    result = model.load_state_dict(wanted, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{folder}: INT8 entries the model could not take: {result.unexpected_keys[:5]}")
+    return model
+
+
+def save_dequantized_pretrained(
+    model: nn.Module, folder: Any, dtype: torch.dtype = torch.bfloat16, **save_kwargs: Any
+) -> None:
+    """Export an INT8-trained Hugging Face model as a plain ``dtype`` checkpoint (default bf16)
+    that ``from_pretrained`` loads with no knowledge of INT8. The model itself is unchanged.
+
+    Args:
+        model: a Hugging Face model (``save_pretrained``) with INT8 weights.
+        folder: where to write (``save_pretrained``'s folder; its other kwargs pass through).
+        dtype: the floating-point dtype of every exported tensor.
+
+    Example:
+        >>> # save_dequantized_pretrained(model, "export/")
+        >>> # AutoModelForCausalLM.from_pretrained("export/", dtype=torch.bfloat16)
+    """
+    import json
+    from pathlib import Path
+
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise ValueError(
+            f"save_dequantized_pretrained takes a Hugging Face model (with save_pretrained), got "
+            f"{type(model).__name__}; for another module use dequantize_state_dict(model.state_dict())."
+        )
+    state = dequantize_state_dict(model.state_dict(), dtype)
+    model.save_pretrained(folder, state_dict=state, **save_kwargs)
+    # save_pretrained records the model's (float32 compute) dtype; the files hold ``dtype``.
+    config = Path(folder) / "config.json"
+    if config.is_file():
+        values = json.loads(config.read_text())
+        values["dtype"] = str(dtype).removeprefix("torch.")
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
