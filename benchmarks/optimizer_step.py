@@ -17,9 +17,14 @@ paper's split (:func:`apollo_param_groups` on the model built by
 :func:`lightning_memopt.models.build_llama`): the attention and MLP matrices are low-rank,
 embeddings, norms and the LM head get AdamW.
 
+Every ratio comes with its spread: the median and range of the per-round ratios in one process,
+or, with ``--processes N``, of the medians of N fresh processes (whose first-touch page costs
+differ), with the machine named in the table.
+
 Usage::
 
     python benchmarks/optimizer_step.py                      # 60m and 130m, 10 repeats
+    python benchmarks/optimizer_step.py --processes 5        # the same in 5 fresh processes
     python benchmarks/optimizer_step.py --shapes 60m --repeats 20 --warmup 3
     python benchmarks/optimizer_step.py --smoke --out /tmp/x # tiny shapes, 2 repeats (the test)
     python benchmarks/optimizer_step.py --device cuda        # on a GPU (the step timed between
@@ -35,9 +40,10 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -49,6 +55,9 @@ import torch
 
 from lightning_memopt.models import LLAMA_SIZES, build_llama
 from lightning_memopt.optim import APOLLO, APOLLOMini, apollo_param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from machine import describe_machine, format_spread, machine_line, spread
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -269,8 +278,9 @@ def measure(
                 if i >= warmup:
                     times[name].append(elapsed)
                     cpu_times[name].append(cpu_elapsed)
-    base = statistics.median(times[chosen[0][0]])
-    cpu_base = statistics.median(cpu_times[chosen[0][0]])
+    base_name = chosen[0][0]
+    base = statistics.median(times[base_name])
+    cpu_base = statistics.median(cpu_times[base_name])
     base_state = state_bytes(optimizers[chosen[0][0]])
     rows = []
     for name, optimizer in optimizers.items():
@@ -284,6 +294,8 @@ def measure(
                 "step_ms_min": min(times[name]) * 1e3,
                 "step_ms_all": [t * 1e3 for t in times[name]],
                 "ratio_to_adamw_fused": median / base,
+                # Each round steps every contender once, so a round's ratio shares its noise.
+                "ratio_spread": spread(t / b for t, b in zip(times[name], times[base_name])),
                 # CPU time of the process (all threads): less sensitive than wall time to other
                 # processes on a shared machine, which delay a step without adding to its work.
                 "step_cpu_ms_median": statistics.median(cpu_times[name]) * 1e3,
@@ -331,11 +343,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Optimizer step: time and state memory",
         "",
-        f"Machine: {report['machine']['cpu']} ({report['machine']['threads']} threads)"
-        f"{', GPU ' + report['machine']['gpu'] if report['machine'].get('gpu') else ''}, "
-        f"torch {report['machine']['torch']}. Median over {report['records'][0]['repeats']} repeats "
+        f"Machine: {machine_line(report['machine'])}. Median over {report['records'][0]['repeats']} repeats "
         f"after {report['records'][0]['warmup']} warm-up steps; random gradients; ratios to "
-        "`AdamW(fused=True)` of the same run.",
+        "`AdamW(fused=True)` of the same run, as median (min-max) "
+        + (
+            f"over {report['processes']} fresh processes' medians."
+            if report.get("processes", 1) > 1
+            else "over the rounds (one step of each optimizer per round)."
+        ),
         "",
     ]
     for record in report["records"]:
@@ -349,7 +364,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in record["results"]:
             lines.append(
-                f"| {r['description']} | {r['step_ms_median']:.1f} | {r['ratio_to_adamw_fused']:.2f} | "
+                f"| {r['description']} | {r['step_ms_median']:.1f} | {format_spread(r['ratio_spread'])} | "
                 f"{r['cpu_ratio_to_adamw_fused']:.2f} | "
                 f"{r['state_bytes'] / 2**20:.1f} | {r['state_ratio_to_adamw_fused']:.3f} | "
                 f"{r['extra_bytes'] / 2**20:.1f} | {r['workspace_bytes'] / 2**20:.1f} |"
@@ -368,14 +383,54 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (either ``--option N`` or ``--option=N``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def across_processes(argv: list[str], processes: int) -> list[dict[str, Any]]:
+    """Run the measurement ``processes`` times, each in a fresh interpreter, and merge: each
+    contender's ratio is the median of the processes' medians, with their range as its spread."""
+    child_args = _without_option(_without_option(argv, "--processes"), "--out")
+    runs: list[dict[str, Any]] = []
+    for index in range(processes):
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, str(Path(__file__).resolve()), *child_args, "--out", folder]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"process {index + 1}/{processes} failed:\n{done.stderr[-4000:]}")
+            runs.append(json.loads((Path(folder) / "optimizer_step.json").read_text()))
+        print(f"  process {index + 1}/{processes} done", flush=True)
+    merged = []
+    for position, record in enumerate(runs[0]["records"]):
+        same_shape = [run["records"][position] for run in runs]
+        rows = []
+        for row_index, row in enumerate(record["results"]):
+            per_process = [r["results"][row_index] for r in same_shape]
+            rows.append(
+                {
+                    **row,
+                    "step_ms_median": statistics.median(r["step_ms_median"] for r in per_process),
+                    "step_ms_all": [t for r in per_process for t in r["step_ms_all"]],
+                    "ratio_to_adamw_fused": statistics.median(r["ratio_to_adamw_fused"] for r in per_process),
+                    "ratio_spread": spread(r["ratio_to_adamw_fused"] for r in per_process),
+                    "step_cpu_ms_median": statistics.median(r["step_cpu_ms_median"] for r in per_process),
+                    "cpu_ratio_to_adamw_fused": statistics.median(r["cpu_ratio_to_adamw_fused"] for r in per_process),
+                    "cpu_ratio_spread": spread(r["cpu_ratio_to_adamw_fused"] for r in per_process),
+                }
+            )
+        merged_record = {**record, "results": rows, "processes": processes}
+        merged_record["targets"] = targets(merged_record)
+        merged.append(merged_record)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -388,7 +443,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for optimizer_step.json and .md")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the parameters live: cpu (default), cuda, cuda:1 ...")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat the whole measurement in N fresh processes (spread across them)",
+    )
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: expected at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here; run with --device cpu")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -399,25 +462,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "benchmark": "optimizer_step",
-        "machine": {
-            "cpu": _cpu_name(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
-        },
+        "machine": describe_machine(args.device),
+        "processes": args.processes,
         "records": [],
     }
-    for shape in shapes:
-        record = measure(shape, repeats, warmup, args.only, args.device)
-        record["targets"] = targets(record)
-        report["records"].append(record)
-        print(markdown({**report, "records": [record]}), flush=True)
+    if args.processes > 1:
+        report["records"] = across_processes(argv or sys.argv[1:], args.processes)
+    else:
+        for shape in shapes:
+            record = measure(shape, repeats, warmup, args.only, args.device)
+            record["targets"] = targets(record)
+            report["records"].append(record)
+            print(markdown({**report, "records": [record]}), flush=True)
     text = markdown(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimizer_step.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "optimizer_step.md").write_text(text + "\n")
+    if args.processes > 1:
+        print(text, flush=True)
     return report
 
 

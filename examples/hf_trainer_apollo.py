@@ -13,6 +13,7 @@ Usage::
     python examples/hf_trainer_apollo.py         # 60 steps, a few minutes on a CPU
     python examples/hf_trainer_apollo.py --optim apollo_mini_layerwise   # in-backward updates
     python examples/hf_trainer_apollo.py --fast  # 4 steps (the smoke test)
+    python examples/hf_trainer_apollo.py --bf16  # bf16 mixed precision (on a GPU)
 
 Without the registration (it touches no transformers internals), the same optimizer goes in through the
 Trainer's public argument::
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", default=None, help="default: a temporary folder")
     parser.add_argument("--fast", "--smoke", action="store_true", help="4 steps on a few examples (the smoke test)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (needs a GPU, or a CPU with bf16)")
     options = parser.parse_args()
     if options.fast:
         options.steps, options.batch_size = 4, 4
@@ -106,6 +108,7 @@ def main() -> None:
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=options.bf16,
         seed=0,
         disable_tqdm=True,
     )

@@ -17,6 +17,7 @@ RESULT_KEYS = {
     "step_ms_min",
     "step_ms_all",
     "ratio_to_adamw_fused",
+    "ratio_spread",
     "step_cpu_ms_median",
     "cpu_ratio_to_adamw_fused",
     "state_bytes",
@@ -57,6 +58,10 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
             row["step_cpu_ms_median"] / rows["adamw_fused"]["step_cpu_ms_median"]
         )
     assert rows["adamw_fused"]["ratio_to_adamw_fused"] == 1.0
+    for row in rows.values():  # per-round ratios: each round steps every optimizer once
+        spread = row["ratio_spread"]
+        assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert rows["adamw_fused"]["ratio_spread"] == {"min": 1.0, "median": 1.0, "max": 1.0, "n": 2}
 
     # State bytes, exactly: AdamW keeps 2 floats per weight (+ a step counter per tensor);
     # APOLLO-Mini keeps 2 x max(m, n) floats per low-rank matrix (+ step, seed, limiter norm).
@@ -75,3 +80,24 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
     table = (tmp_path / "optimizer_step.md").read_text()
     assert "| optimizer | step (ms) | x fused AdamW |" in table
     assert all(row["description"] in table for row in rows.values())
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_optimizer_step_across_fresh_processes_reports_their_spread(tmp_path):
+    bench = load_script()
+    argv = ["--smoke", "--threads", "1", "--only", "adamw_fused", "apollo_mini", "--processes", "2"]
+    bench.main([*argv, "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "optimizer_step.json").read_text())
+    assert report["processes"] == 2 and report["machine"]["cores"] >= 1
+    (record,) = report["records"]
+    base, mini = record["results"]
+    assert base["ratio_spread"] == {"min": 1.0, "median": 1.0, "max": 1.0, "n": 2}
+    assert mini["ratio_spread"]["n"] == 2 and len(mini["step_ms_all"]) == 4  # 2 repeats in each process
+    assert mini["ratio_spread"]["min"] <= mini["ratio_to_adamw_fused"] <= mini["ratio_spread"]["max"]
+    assert "over 2 fresh processes' medians" in (tmp_path / "optimizer_step.md").read_text()
+
+
+def test_child_arguments_drop_the_options_the_parent_sets():
+    bench = load_script()
+    argv = ["--processes", "3", "--smoke", "--out=/x", "--only", "a", "b", "--processes=2", "--out", "/y"]
+    assert bench._without_option(bench._without_option(argv, "--processes"), "--out") == ["--smoke", "--only", "a", "b"]
