@@ -32,23 +32,18 @@ def lm() -> CausalLM:
     return CausalLM("tiny", optimizer=partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0))
 
 
-def trainer(steps: int, callbacks: list, **kwargs) -> L.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        limit_val_batches=2,
-        val_check_interval=steps,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+@pytest.fixture
+def trainer(quiet_trainer):
+    """``trainer(steps, callbacks, **kwargs)``: quiet, validating 2 batches at the end."""
+
+    def make(steps: int, callbacks: list, **kwargs) -> L.Trainer:
+        options = dict(max_steps=steps, limit_val_batches=2, val_check_interval=steps, num_sanity_val_steps=0)
+        return quiet_trainer(callbacks=callbacks, **options | kwargs)
+
+    return make
 
 
-def test_fit_trains_the_exits_and_logs_per_exit_metrics() -> None:
+def test_fit_trains_the_exits_and_logs_per_exit_metrics(trainer) -> None:
     model = lm()
     fit = trainer(6, [EarlyExit(exit_layers=[1, 2])])
     fit.fit(model, data())
@@ -67,7 +62,7 @@ def test_fit_trains_the_exits_and_logs_per_exit_metrics() -> None:
     assert early_exit_forward(model.model, ids, threshold=0.0).exit_layers.eq(1).all()
 
 
-def test_the_exit_loss_falls_during_fit() -> None:
+def test_the_exit_loss_falls_during_fit(trainer) -> None:
     model = lm()
     fit = trainer(8, [EarlyExit(exit_layers=[1], loss_weights=[1.0])], log_every_n_steps=1)
     seen: list[float] = []
@@ -81,7 +76,7 @@ def test_the_exit_loss_falls_during_fit() -> None:
     assert seen[-1] < seen[0] - 0.5, seen
 
 
-def test_own_heads_are_optimized_and_resume_from_a_checkpoint(tmp_path: Path) -> None:
+def test_own_heads_are_optimized_and_resume_from_a_checkpoint(tmp_path: Path, trainer) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     model = lm()
     first = trainer(3, [EarlyExit(exit_layers=[1], share_head=False), checkpoint], enable_checkpointing=True)
@@ -127,7 +122,7 @@ def test_bad_settings_raise(kwargs, message) -> None:
         EarlyExit(**kwargs)
 
 
-def test_exit_outside_the_model_raises_at_fit() -> None:
+def test_exit_outside_the_model_raises_at_fit(trainer) -> None:
     with pytest.raises(ValueError, match=r"exit layer 3 is the last block"):
         trainer(1, [EarlyExit(exit_layers=[3])]).fit(lm(), data())
 
@@ -139,7 +134,7 @@ def test_sharding_strategies_are_refused() -> None:
         EarlyExit(exit_layers=[1]).setup(SimpleNamespace(strategy=ApolloFSDPStrategy()), lm(), "fit")
 
 
-def test_module_without_loss_terms_is_refused() -> None:
+def test_module_without_loss_terms_is_refused(trainer) -> None:
     class Plain(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()

@@ -42,27 +42,30 @@ def text_blocks(tmp_path_factory) -> tuple[DataLoader, int]:
     return DataLoader(dm.train_dataset, batch_size=4, shuffle=False), int(dm.num_tokens)
 
 
-def fit(loader: DataLoader, vocab: int, max_epochs: int, ckpt_path=None, seed: int = 0) -> tuple[L.Trainer, CausalLM]:
-    torch.manual_seed(seed)
-    lm = CausalLM(
-        "tiny",
-        optimizer=partial(APOLLOMini, lr=1e-2, weight_decay=0.0),
-        vocab_size=vocab,
-        model_overrides={"num_hidden_layers": 1},
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        callbacks=[Int8Weights(group_size=64), LayerwiseUpdates()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(lm, train_dataloaders=loader, ckpt_path=ckpt_path)
-    return trainer, lm
+@pytest.fixture
+def fit(quiet_trainer):
+    """``fit(loader, vocab, max_epochs, ckpt_path=None, seed=0)`` -> (trainer, lm): INT8 + layer-wise."""
+
+    def run(
+        loader: DataLoader, vocab: int, max_epochs: int, ckpt_path=None, seed: int = 0
+    ) -> tuple[L.Trainer, CausalLM]:
+        torch.manual_seed(seed)
+        lm = CausalLM(
+            "tiny",
+            optimizer=partial(APOLLOMini, lr=1e-2, weight_decay=0.0),
+            vocab_size=vocab,
+            model_overrides={"num_hidden_layers": 1},
+        )
+        trainer = quiet_trainer(
+            max_epochs=max_epochs,
+            limit_train_batches=2,
+            limit_val_batches=0,
+            callbacks=[Int8Weights(group_size=64), LayerwiseUpdates()],
+        )
+        trainer.fit(lm, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return trainer, lm
+
+    return run
 
 
 def int8_state(lm: CausalLM) -> dict[str, tuple]:
@@ -72,7 +75,7 @@ def int8_state(lm: CausalLM) -> dict[str, tuple]:
     }
 
 
-def test_fit_trains_int8_weights_and_resumes_exactly(text_blocks, tmp_path) -> None:
+def test_fit_trains_int8_weights_and_resumes_exactly(text_blocks, tmp_path, fit) -> None:
     loader, vocab = text_blocks
     trainer, reference = fit(loader, vocab, max_epochs=2)
 
@@ -124,20 +127,17 @@ class Tiny(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def tiny_trainer(callback: Int8Weights, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+@pytest.fixture
+def tiny_trainer(quiet_trainer):
+    """``tiny_trainer(callback, **kwargs)``: 2 quiet steps with the callback."""
+
+    def make(callback: Int8Weights, **kwargs) -> L.Trainer:
+        return quiet_trainer(max_steps=2, callbacks=[callback], **kwargs)
+
+    return make
 
 
-def test_a_module_built_in_init_is_converted_too() -> None:
+def test_a_module_built_in_init_is_converted_too(tiny_trainer) -> None:
     callback = Int8Weights(group_size=8)
     module = Tiny()
     tiny_trainer(callback).fit(module, DataLoader(torch.randn(8, 16), batch_size=4))
@@ -145,7 +145,7 @@ def test_a_module_built_in_init_is_converted_too() -> None:
     assert all(is_int8_weight(layer.weight) for layer in module.layers)
 
 
-def test_refusals_name_the_value() -> None:
+def test_refusals_name_the_value(tiny_trainer) -> None:
     with pytest.raises(ValueError, match=r"group_size=0"):
         Int8Weights(group_size=0)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=1, logger=False)
@@ -163,7 +163,7 @@ def test_yaml_fragment_builds_the_callback() -> None:
     assert Int8Weights(**entry["init_args"]).group_size == 128
 
 
-def test_composes_with_other_model_surgery_callbacks() -> None:
+def test_composes_with_other_model_surgery_callbacks(quiet_trainer) -> None:
     """Listed after UpcycleToMoE (which also acts at the end of configure_model), Int8Weights
     still converts, the upcycled experts included."""
     from lightning_memopt.callbacks import UpcycleToMoE
@@ -171,15 +171,7 @@ def test_composes_with_other_model_surgery_callbacks() -> None:
     data = DataLoader([{"input_ids": torch.randint(0, 257, (16,))} for _ in range(2)], batch_size=2)
     lm = CausalLM("tiny", vocab_size=257, model_overrides={"num_hidden_layers": 1})
     int8 = Int8Weights()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[UpcycleToMoE(num_experts=2, top_k=1), int8],
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=[UpcycleToMoE(num_experts=2, top_k=1), int8])
     trainer.fit(lm, data)
     assert any(".experts." in name for name in int8.converted)
     assert sum(is_int8_weight(p) for p in lm.parameters()) == len(int8.converted) == 4 + 2 * 3

@@ -58,22 +58,19 @@ def data(batches: int = 5) -> DataLoader:
     return DataLoader(torch.randint(0, 40, (batches * 2, 12), generator=generator), batch_size=2)
 
 
-def fit(callbacks, max_epochs: int = 1, ckpt_path=None, model=None, **trainer_kwargs) -> tuple[L.Trainer, TinyLM]:
-    if model is None:
-        torch.manual_seed(0)
-        model = TinyLM()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, data(), ckpt_path=ckpt_path)
-    return trainer, model
+@pytest.fixture
+def fit(quiet_trainer):
+    """``fit(callbacks, max_epochs=1, ckpt_path=None, model=None, **trainer_kwargs)`` -> (trainer, model)."""
+
+    def run(callbacks, max_epochs: int = 1, ckpt_path=None, model=None, **trainer_kwargs) -> tuple[L.Trainer, TinyLM]:
+        if model is None:
+            torch.manual_seed(0)
+            model = TinyLM()
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, **trainer_kwargs)
+        trainer.fit(model, data(), ckpt_path=ckpt_path)
+        return trainer, model
+
+    return run
 
 
 def assert_same(a: nn.Module, b: nn.Module) -> None:
@@ -82,7 +79,7 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_fit_with_layerwise_updates_equals_fit_without(accumulate: int) -> None:
+def test_fit_with_layerwise_updates_equals_fit_without(accumulate: int, fit) -> None:
     # 5 batches: with accumulation 2 the epoch ends on a shorter window of one batch.
     _, reference = fit([], accumulate_grad_batches=accumulate)
     callback = LayerwiseUpdates()
@@ -98,7 +95,7 @@ def test_fit_with_layerwise_updates_equals_fit_without(accumulate: int) -> None:
     assert model.lm_head.weight.grad is not None
 
 
-def test_checkpoint_resume_is_exact(tmp_path) -> None:
+def test_checkpoint_resume_is_exact(tmp_path, fit) -> None:
     _, reference = fit([LayerwiseUpdates()], max_epochs=2)
 
     first_trainer, _ = fit([LayerwiseUpdates()], max_epochs=1)
@@ -112,18 +109,18 @@ def test_checkpoint_resume_is_exact(tmp_path) -> None:
     assert_same(reference, resumed)
 
 
-def test_global_gradient_clipping_is_refused_with_the_alternative() -> None:
+def test_global_gradient_clipping_is_refused_with_the_alternative(fit) -> None:
     with pytest.raises(ValueError, match=r"gradient_clip_val=1.0.*LayerwiseUpdates\(max_grad_norm=...\)"):
         fit([LayerwiseUpdates()], gradient_clip_val=1.0)
 
 
-def test_per_parameter_clipping_runs() -> None:
+def test_per_parameter_clipping_runs(fit) -> None:
     _, unclipped = fit([LayerwiseUpdates()])
     _, clipped = fit([LayerwiseUpdates(max_grad_norm=1e-3)])
     assert not torch.equal(unclipped.lm_head.weight, clipped.lm_head.weight)
 
 
-def test_manual_optimization_is_refused() -> None:
+def test_manual_optimization_is_refused(fit) -> None:
     class Manual(TinyLM):
         def __init__(self) -> None:
             super().__init__()

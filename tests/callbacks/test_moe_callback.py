@@ -39,20 +39,18 @@ def causal_lm() -> CausalLM:
     return CausalLM("tiny", optimizer=partial(APOLLOMini, lr=1e-2), vocab_size=257, model_overrides=SMALL)
 
 
-def trainer(tmp_path: Path, callback: UpcycleToMoE, steps: int, **kwargs) -> L.Trainer:
-    options = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(callbacks=[callback], **options | kwargs)
+@pytest.fixture
+def trainer(quiet_trainer):
+    """``trainer(tmp_path, callback, steps, **kwargs)``: quiet, checkpoints on, no validation."""
+
+    def make(tmp_path: Path, callback: UpcycleToMoE, steps: int, **kwargs) -> L.Trainer:
+        options = dict(max_steps=steps, default_root_dir=tmp_path, enable_checkpointing=True, limit_val_batches=0)
+        return quiet_trainer(callbacks=[callback], **options | kwargs)
+
+    return make
 
 
-def test_fit_upcycles_before_the_optimizer_and_adds_the_aux_loss(tmp_path: Path) -> None:
+def test_fit_upcycles_before_the_optimizer_and_adds_the_aux_loss(tmp_path: Path, trainer) -> None:
     lm = causal_lm()
     callback = UpcycleToMoE(num_experts=4, top_k=2, layers=[1], log_expert_loads=True)
     extra: list[tuple[float, float]] = []
@@ -80,7 +78,7 @@ def test_fit_upcycles_before_the_optimizer_and_adds_the_aux_loss(tmp_path: Path)
     assert "configure_model" not in vars(lm)
 
 
-def test_checkpoint_resumes_and_loads_into_a_model_upcycled_the_same_way(tmp_path: Path) -> None:
+def test_checkpoint_resumes_and_loads_into_a_model_upcycled_the_same_way(tmp_path: Path, trainer) -> None:
     first = trainer(tmp_path, UpcycleToMoE(num_experts=4, top_k=2), steps=2)
     first.fit(causal_lm(), text_batches())
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
@@ -98,7 +96,7 @@ def test_checkpoint_resumes_and_loads_into_a_model_upcycled_the_same_way(tmp_pat
     assert torch.isfinite(plain(ids).logits).all()
 
 
-def test_modality_ids_come_from_the_batch(tmp_path: Path) -> None:
+def test_modality_ids_come_from_the_batch(tmp_path: Path, trainer) -> None:
     lm = causal_lm()
     callback = UpcycleToMoE(num_experts=4, top_k=2, modality_groups=[2, 2])
     trainer(tmp_path, callback, steps=2, enable_checkpointing=False).fit(lm, text_batches(modality=1))
