@@ -2,7 +2,8 @@
 
 ``"tiny"`` trains on a laptop CPU in minutes (the quickstart); ``"60m"`` ... ``"7b"`` are the
 shapes of the APOLLO paper's pre-training runs (arXiv 2412.05270, Table 9, the GaLore configs),
-for real runs on GPUs and for exact memory accounting. Built on the meta device they cost no
+for real runs on GPUs and for exact memory accounting; ``"13b"`` and ``"70b"`` (LLaMA-13B and
+LLaMA-2-70B) are there for memory planning (``lightning-memopt estimate``). Built on the meta device they cost no
 memory at all, so even ``"7b"`` can be counted on a laptop.
 
 Example:
@@ -59,6 +60,23 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
         num_hidden_layers=32,
         num_attention_heads=32,
         max_position_embeddings=2048,
+    ),
+    # LLaMA-13B (the APOLLO paper's naive-DDP scaling run) and LLaMA-2-70B (grouped-query
+    # attention: 8 key/value heads), for memory planning on the meta device.
+    "13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        max_position_embeddings=2048,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
     ),
 }
 # The paper's runs use the 32000-token LLaMA tokenizer.
