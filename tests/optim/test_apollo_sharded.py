@@ -56,11 +56,15 @@ def reference(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def shard(model: nn.Module, world_size: int) -> nn.Module:
+def shard(model: nn.Module, world_size: int, hybrid: tuple[int, int] | None = None) -> nn.Module:
+    """FSDP2 over ``world_size`` ranks, or HSDP over a ``hybrid=(replicas, shard_size)`` mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    if hybrid is None:
+        mesh = init_device_mesh("cpu", (world_size,))
+    else:
+        mesh = init_device_mesh("cpu", hybrid, mesh_dim_names=("replicate", "shard"))
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
@@ -184,3 +188,85 @@ def test_row_layout_column_chunks_follow_dtensor() -> None:
     """The column split used for the moments of a wide matrix is DTensor's own (ceil chunks)."""
     layouts = [RowLayout(None, 0, None, 4, r, 0, 0, torch.device("cpu")) for r in range(4)]
     assert [lay.column_chunk(5) for lay in layouts] == [(2, 0, 2), (2, 2, 2), (2, 4, 1), (2, 5, 0)]
+
+
+# ---------------------------------------------------------------------- HSDP: a (replicate, shard) mesh
+def _gathered_over_replicas(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, tensor.contiguous(), group=group)
+    return pieces
+
+
+def _check_hybrid(rank: int, world_size: int, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import Replicate, Shard
+
+    for name, (cls, options) in CONFIGS.items():
+        ref_model, ref_opt = reference(name)
+        model = shard(make_model(), world_size, hybrid=(2, 2))
+        optimizer = cls(apollo_param_groups(model, "all-linear", **options), lr=0.05)
+        train(model, optimizer, make_batches(), rank, world_size)
+        mesh = next(model.parameters()).device_mesh
+        replicas = mesh.get_group("replicate")
+        for (key, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(
+                p.full_tensor(), q, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, c=name: f"{c}: {k}\n{m}"
+            )
+            state, ref_state = optimizer.state[p], ref_opt.state[q]
+            for key_, value in state.items():
+                full = value.full_tensor() if is_dtensor(value) else value
+                torch.testing.assert_close(full, ref_state[key_], rtol=1e-4, atol=1e-6)
+            # The replicas hold bit-identical shards: weights and every piece of optimizer state.
+            for tensor in [p, *state.values()]:
+                local = local_view(tensor)
+                first, *others = _gathered_over_replicas(local, replicas)
+                assert all(torch.equal(first, other) for other in others), (name, key)
+            if p.dim() == 2:
+                m, n = p.shape
+                # Sharded within the shard group (dim 1 of the mesh), replicated across (dim 0).
+                assert state["exp_avg"].placements == (Replicate(), Shard(0 if m >= n else 1)), (name, p.shape)
+
+    # Per-rank low-rank state is half of one rank's (the shard group has 2 ranks), not a quarter.
+    model = shard(nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64)), world_size, hybrid=(2, 2))
+    optimizer = APOLLO(apollo_param_groups(model, "all-linear", rank=8), lr=1e-3)
+    model(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    for p in model.parameters():
+        if p.dim() == 2:
+            assert local_view(optimizer.state[p]["exp_avg"]).numel() * 2 == 8 * 256, tuple(p.shape)
+
+    # A distributed checkpoint after 3 steps, for the resumes below (same mesh, (1, 2), 1 process).
+    cls, options = CONFIGS["apollo_channel"]
+    model = shard(make_model(), world_size, hybrid=(2, 2))
+    optimizer = cls(apollo_param_groups(model, "all-linear", **options), lr=0.05)
+    train(model, optimizer, make_batches()[:3], rank, world_size)
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+
+
+def _resume_hybrid(rank: int, world_size: int, folder: str, hybrid: tuple[int, int] | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    cls, options = CONFIGS["apollo_channel"]
+    model = shard(make_model(), world_size, hybrid=hybrid)
+    optimizer = cls(apollo_param_groups(model, "all-linear", **options), lr=0.05)
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    train(model, optimizer, make_batches()[3:], rank, world_size)
+    for p, q in zip(model.parameters(), reference("apollo_channel")[0].parameters()):
+        torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_hybrid_sharded_apollo_matches_single_device_and_reshards(tmp_path, run_ranks) -> None:
+    """HSDP on 4 ranks, a (2 replicas, 2 shards) mesh: every APOLLO configuration equals one
+    device (weights and state), the replicas stay bit-identical, per-rank state is half of one
+    rank's, and the distributed checkpoint resumes on (2, 2), on (1, 2) and on 1 process."""
+    folder = str(tmp_path / "dcp")
+    run_ranks(_check_hybrid, folder, world_size=4)
+    run_ranks(_resume_hybrid, folder, (2, 2), world_size=4)
+    run_ranks(_resume_hybrid, folder, (1, 2), world_size=2)
+    run_ranks(_resume_hybrid, folder, None, world_size=1)

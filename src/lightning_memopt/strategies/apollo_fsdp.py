@@ -76,6 +76,19 @@ STRATEGY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "apollo_fsdp computing in bfloat16 (FSDP2 mixed precision), reducing gradients in float32",
         {"param_dtype": "bfloat16", "reduce_dtype": "float32"},
     ),
+    "apollo_hsdp": (
+        "HSDP: apollo_fsdp sharded within each node and replicated across nodes (a 2-D device mesh)",
+        {"sharding_strategy": "HYBRID_SHARD"},
+    ),
+}
+# Lightning FSDPStrategy's sharding_strategy values that FSDP2 here implements.
+SHARDING_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD")
+# The other values of Lightning's (and torch's ShardingStrategy), and what to use instead.
+_OTHER_SHARDING = {
+    "SHARD_GRAD_OP": "ApolloFSDPStrategy(reshard_after_forward=False) (FSDP2's equivalent: parameters stay "
+    "gathered between forward and backward)",
+    "NO_SHARD": "strategy='ddp' (no sharding is plain data parallelism)",
+    "_HYBRID_SHARD_ZERO2": "sharding_strategy='HYBRID_SHARD' with reshard_after_forward=False",
 }
 
 
@@ -86,6 +99,63 @@ def _as_dtype(value: str | torch.dtype | None, name: str) -> torch.dtype | None:
     if dtype is None:
         raise ValueError(f"ApolloFSDPStrategy: {name}={value!r} is not a dtype; use one of {sorted(_DTYPES)}.")
     return dtype
+
+
+def _as_sharding_strategy(value: Any) -> str:
+    """``value`` (a name, any case, or torch's ``ShardingStrategy`` enum) as one of :data:`SHARDING_STRATEGIES`."""
+    name = getattr(value, "name", value)  # torch.distributed.fsdp.ShardingStrategy.HYBRID_SHARD -> its name
+    if isinstance(name, str) and name.upper() in SHARDING_STRATEGIES:
+        return name.upper()
+    hint = _OTHER_SHARDING.get(name.upper()) if isinstance(name, str) else None
+    raise ValueError(
+        f"ApolloFSDPStrategy: sharding_strategy={value!r} is not supported; use 'FULL_SHARD' (shard over every "
+        "rank, the default) or 'HYBRID_SHARD' (shard within a node, replicate across nodes: strategy='apollo_hsdp')"
+        + (f". For {name} use {hint}." if hint else ".")
+    )
+
+
+def _check_mesh_argument(device_mesh: Any, sharding_strategy: str) -> tuple[int, int] | Any:
+    """Validate ``device_mesh``: ``None``, a ``(replicas, shard_size)`` pair, or a 2-D ``DeviceMesh``."""
+    if device_mesh is None:
+        return None
+    if sharding_strategy != "HYBRID_SHARD":
+        raise ValueError(
+            f"ApolloFSDPStrategy: device_mesh={device_mesh!r} is only valid with sharding_strategy='HYBRID_SHARD' "
+            "(as in Lightning's FSDPStrategy); 'FULL_SHARD' shards over every rank. Pass "
+            "sharding_strategy='HYBRID_SHARD' (or strategy='apollo_hsdp'), or drop device_mesh."
+        )
+    if hasattr(device_mesh, "mesh_dim_names"):  # a DeviceMesh
+        if device_mesh.ndim != 2:
+            raise ValueError(
+                f"ApolloFSDPStrategy: device_mesh has {device_mesh.ndim} dimension(s) {tuple(device_mesh.shape)}; "
+                "HYBRID_SHARD needs a 2-D mesh (replicate, shard), e.g. init_device_mesh('cuda', (nodes, "
+                "gpus_per_node), mesh_dim_names=('replicate', 'shard')), or pass the pair (replicas, shard_size)."
+            )
+        return device_mesh
+    shape = tuple(device_mesh) if isinstance(device_mesh, (tuple, list)) else None
+    if shape is None or len(shape) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(
+            f"ApolloFSDPStrategy: device_mesh={device_mesh!r}; give (replicas, shard_size), two positive integers "
+            "whose product is the world size, e.g. (2, 8) for 2 nodes of 8 GPUs (shard within a node), or a 2-D "
+            "DeviceMesh."
+        )
+    return shape
+
+
+def _refuse_int8(model: nn.Module | None) -> None:
+    """INT8 weights (``Int8Weight``) are trained on one device; FSDP2 cannot shard them."""
+    if model is None:
+        return
+    from lightning_memopt.quant.int8 import Int8Weight
+
+    names = [name for name, p in model.named_parameters() if isinstance(p, Int8Weight)]
+    if names:
+        raise ValueError(
+            f"apollo_fsdp: {len(names)} parameters are INT8 weights (e.g. {names[0]!r}), which FSDP2 cannot shard "
+            "(full, or hybrid within a node): the INT8 tensor with its group scales is not a DTensor. Train INT8 "
+            "weights on one device (strategy='auto', devices=1), or shard the model in full precision without the "
+            "INT8 conversion (APOLLO's optimizer state is sharded either way)."
+        )
 
 
 def _checkpoint(module: nn.Module, blocks: list[nn.Module], option: bool | str) -> None:
@@ -214,6 +284,16 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
             A smaller value leaves ``world_size / data_parallel_size`` ranks per group for
             tensor parallelism, which the LightningModule's own ``configure_model`` applies
             (``self.device_mesh["tensor_parallel"]``).
+        sharding_strategy: as in Lightning's ``FSDPStrategy``: ``"FULL_SHARD"`` (default) shards
+            parameters, gradients and optimizer state over every rank; ``"HYBRID_SHARD"`` (HSDP,
+            ``strategy="apollo_hsdp"``) shards them within groups of ``shard_size`` ranks (a
+            node, by default) and replicates across the groups, so only the gradient
+            all-reduce crosses the slower links between nodes. APOLLO's collectives then run
+            within a group only, and its state is sharded within the group and replicated
+            across groups.
+        device_mesh: with ``"HYBRID_SHARD"``: ``(replicas, shard_size)``, whose product is the
+            world size (Lightning's meaning), or a 2-D ``DeviceMesh``; default
+            ``(num_nodes, devices)``: shard within each node, replicate across nodes.
         save_distributed_checkpoint: save a folder of shards with
             ``torch.distributed.checkpoint`` (default; re-shardable) or one full file from rank 0.
             Either is crash-safe: written under ``name.tmp-<pid>`` and renamed into place once
@@ -224,6 +304,8 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
     Example:
         >>> strategy = ApolloFSDPStrategy(block_classes=["LlamaDecoderLayer"], activation_checkpointing=True)
         >>> # Trainer(strategy=strategy, accelerator="cuda", devices=8, precision="bf16-mixed")
+        >>> hsdp = ApolloFSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(2, 8))
+        >>> # Trainer(strategy=hsdp, accelerator="cuda", num_nodes=2, devices=8)   # or strategy="apollo_hsdp"
     """
 
     strategy_name = "apollo_fsdp"
@@ -240,7 +322,19 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        *,
+        sharding_strategy: str | Any = "FULL_SHARD",
+        device_mesh: tuple[int, int] | Any | None = None,
     ) -> None:
+        self.sharding_strategy = _as_sharding_strategy(sharding_strategy)
+        self._mesh_argument = _check_mesh_argument(device_mesh, self.sharding_strategy)
+        if self.sharding_strategy == "HYBRID_SHARD" and data_parallel_size != "auto":
+            raise ValueError(
+                f"ApolloFSDPStrategy: data_parallel_size={data_parallel_size!r} with sharding_strategy='HYBRID_SHARD': "
+                "hybrid sharding uses every rank for data parallelism (its mesh is device_mesh=(replicas, "
+                "shard_size)); leave data_parallel_size='auto', or use 'FULL_SHARD' with tensor parallelism."
+            )
+        self._fsdp_mesh: Any = None
         if data_parallel_size != "auto" and (
             isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1
         ):
@@ -284,7 +378,60 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         # Called when the Trainer is built, with the accelerator and precision known: the
         # place to refuse a combination before any process starts.
         self._validate_accelerator_and_precision()
+        if self.sharding_strategy == "HYBRID_SHARD":
+            self.hybrid_mesh_shape(self.num_nodes * self.num_processes)
         super()._configure_launcher()
+
+    def hybrid_mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """``(replicas, shard_size)`` of the HSDP mesh for ``world_size`` ranks (``device_mesh``, or
+        ``(num_nodes, devices per node)``); a ``ValueError`` naming the fix if it does not fit.
+
+        Example:
+            >>> ApolloFSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(2, 2)).hybrid_mesh_shape(4)
+            (2, 2)
+        """
+        mesh = self._mesh_argument
+        if mesh is None:
+            nodes = max(int(self.num_nodes), 1)
+            if world_size % nodes:
+                raise ValueError(
+                    f"apollo_hsdp: world size {world_size} does not split into num_nodes={nodes} equal nodes; run the "
+                    "same number of devices on every node, or pass device_mesh=(replicas, shard_size)."
+                )
+            return nodes, world_size // nodes
+        shape = tuple(mesh.shape) if hasattr(mesh, "mesh_dim_names") else mesh
+        replicas, shard_size = shape
+        if replicas * shard_size != world_size:
+            per_node = world_size // max(int(self.num_nodes), 1)
+            raise ValueError(
+                f"apollo_hsdp: device_mesh=({replicas}, {shard_size}) holds {replicas * shard_size} ranks, but the run "
+                f"has {world_size} (num_nodes={self.num_nodes} x devices={self.num_processes or world_size}). Give a "
+                f"(replicas, shard_size) whose product is {world_size}, e.g. ({max(int(self.num_nodes), 1)}, "
+                f"{per_node}) to shard within each node, or change devices/num_nodes."
+            )
+        per_node = self.num_processes or world_size
+        if shard_size > per_node or per_node % shard_size:
+            warnings.warn(
+                f"apollo_hsdp: device_mesh=({replicas}, {shard_size}) puts {shard_size} ranks in a shard group but a "
+                f"node has {per_node}, so shard groups span nodes and every all-gather / reduce-scatter crosses the "
+                f"links between nodes. A shard_size that divides {per_node} keeps them inside a node.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return replicas, shard_size
+
+    @property
+    def fsdp_mesh(self) -> Any:
+        """The mesh the model is sharded over: the data-parallel mesh (``FULL_SHARD``), or the 2-D
+        ``("replicate", "shard")`` mesh (``HYBRID_SHARD``). Available once the processes are set up."""
+        if self._fsdp_mesh is not None:
+            return self._fsdp_mesh
+        return self.device_mesh["data_parallel"]
+
+    @override
+    def connect(self, model: Any) -> None:
+        _refuse_int8(model)
+        super().connect(model)
 
     def _validate_accelerator_and_precision(self) -> None:
         from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
@@ -334,6 +481,21 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         self._data_parallel_size = data_parallel
         self._tensor_parallel_size = world_size // data_parallel
 
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.sharding_strategy != "HYBRID_SHARD":
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Checked again here: under torchrun / SLURM the world size comes from the launcher.
+        shape = self.hybrid_mesh_shape(self.world_size)
+        mesh = self._mesh_argument
+        if not hasattr(mesh, "mesh_dim_names"):
+            # Row-major ranks: shard groups are consecutive global ranks, i.e. the ranks of one node.
+            mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=("replicate", "shard"))
+        self._fsdp_mesh = mesh
+
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: Any) -> None:
@@ -342,6 +504,7 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         assert self.model is not None
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
+        _refuse_int8(self.model)
         if any(isinstance(module, FullyShardedDataParallel) for module in self.model.modules()):
             raise TypeError(
                 "apollo_fsdp: the model contains FSDP1 modules (torch.distributed.fsdp.FullyShardedDataParallel); "
@@ -384,7 +547,7 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
             mp_policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         shard_module(
             module,
-            self.device_mesh["data_parallel"],
+            self.fsdp_mesh,
             self.block_classes,
             mp_policy=mp_policy,
             offload_policy=CPUOffloadPolicy() if self.cpu_offload else None,
