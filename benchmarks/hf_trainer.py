@@ -23,7 +23,8 @@ Measured per optimizer:
   total against apollo-torch, whose state holds its projection;
 - **step** and **optimizer.step()**: median wall time of a training step (forward, backward,
   clipping, step) and of the ``optimizer.step()`` call alone, after warm-up steps, over all
-  repeats (the runs alternate order between repeats, so a shared machine's noise falls on all);
+  repeats (the runs alternate order between repeats, so a shared machine's noise falls on all),
+  with the range of the per-repeat medians beside it;
 - **checkpoint loads with weights_only**: whether ``optimizer.pt`` loads with
   ``torch.load(..., weights_only=True)``, as the Trainer loads it when resuming.
 
@@ -43,7 +44,6 @@ import argparse
 import importlib.util
 import io
 import json
-import platform
 import statistics
 import sys
 import sysconfig
@@ -57,6 +57,9 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from machine import describe_machine, machine_line, spread  # noqa: E402
+
 # The attention and MLP linears of every BERT layer (a regex matched against the whole module
 # name: transformers reads optim_target_modules this way, and so do we).
 TARGET_MODULES = (
@@ -75,6 +78,9 @@ class Run:
     requires: str | None = None
     step_s: list[float] = field(default_factory=list)
     optimizer_step_s: list[float] = field(default_factory=list)
+    # the median of each repeat, for the spread between repeats
+    repeat_step_ms: list[float] = field(default_factory=list)
+    repeat_optimizer_step_ms: list[float] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -161,6 +167,7 @@ def train_once(run: Run, options: argparse.Namespace, checkpoint: Path, data: li
             if state.global_step > options.warmup:
                 run.step_s.append(time.perf_counter() - self.step_start)
 
+    steps_before, optimizer_steps_before = len(run.step_s), len(run.optimizer_step_s)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -184,6 +191,10 @@ def train_once(run: Run, options: argparse.Namespace, checkpoint: Path, data: li
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.train()
+    if run.step_s[steps_before:]:
+        run.repeat_step_ms.append(1e3 * statistics.median(run.step_s[steps_before:]))
+    if run.optimizer_step_s[optimizer_steps_before:]:
+        run.repeat_optimizer_step_ms.append(1e3 * statistics.median(run.optimizer_step_s[optimizer_steps_before:]))
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     cache = optimizer.projection_cache_bytes() if hasattr(optimizer, "projection_cache_bytes") else 0
@@ -221,6 +232,10 @@ def summarize(all_runs: list[Run], options: argparse.Namespace) -> dict[str, Any
                 1e3 * statistics.median(run.optimizer_step_s) if run.optimizer_step_s else None
             )
             row["timed_steps"] = len(run.step_s)
+            row["step_ms_spread"] = spread(run.repeat_step_ms) if run.repeat_step_ms else None
+            row["optimizer_step_ms_spread"] = (
+                spread(run.repeat_optimizer_step_ms) if run.repeat_optimizer_step_ms else None
+            )
         else:
             row["note"] = f"n/a: {run.requires} is not installed (pip install apollo-torch)"
         rows.append(row)
@@ -247,7 +262,7 @@ def summarize(all_runs: list[Run], options: argparse.Namespace) -> dict[str, Any
         },
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()},
+        "machine": describe_machine("cuda" if torch.cuda.is_available() else "cpu"),
         "versions": _versions(),
         "rows": rows,
         "targets": targets,
@@ -278,7 +293,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{summary['model']}; {s['steps']} steps (first {s['warmup']} not timed) x {s['repeats']} repeats, "
         f"batch {s['batch_size']} x {s['max_length']} tokens, {summary['device']}, {summary['threads']} thread(s); "
         f"APOLLO rank {s['rank']}, projection gap {s['gap']}; transformers {summary['versions']['transformers']}, "
-        f"apollo-torch {summary['versions']['apollo-torch'] or 'not installed'}.",
+        f"apollo-torch {summary['versions']['apollo-torch'] or 'not installed'}. "
+        f"Machine: {machine_line(summary['machine'])}. Times: median over all repeats' steps "
+        "(range of the per-repeat medians).",
         "",
         "Forward and backward are the same computation in every row: the step times differ by the "
         "optimizer.step() time, and by the noise of the machine.",
@@ -293,8 +310,8 @@ def markdown(summary: dict[str, Any]) -> str:
             continue
         ratio = r["state_plus_cache_bytes"] / r["adamw_state_bytes"]
         loss = "n/a" if r["first_loss"] is None else f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"
-        step = "n/a" if r["step_ms_median"] is None else f"{r['step_ms_median']:.1f} ms"
-        opt_step = "n/a" if r["optimizer_step_ms_median"] is None else f"{r['optimizer_step_ms_median']:.1f} ms"
+        step = _timed(r["step_ms_median"], r.get("step_ms_spread"))
+        opt_step = _timed(r["optimizer_step_ms_median"], r.get("optimizer_step_ms_spread"))
         lines.append(
             f"| {r['label']} | {mib(r['state_bytes'])} | {mib(r['projection_cache_bytes'])} | "
             f"{mib(r['state_plus_cache_bytes'])} | {ratio:.1%} | {step} | {opt_step} | "
@@ -312,6 +329,14 @@ def markdown(summary: dict[str, Any]) -> str:
             f"optimizer.step() time at most HF's: {_yes(t['optimizer_step_time_at_most_hf'])}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _timed(median: float | None, between_repeats: dict[str, float] | None) -> str:
+    if median is None:
+        return "n/a"
+    if not between_repeats or between_repeats["n"] < 2:
+        return f"{median:.1f} ms"
+    return f"{median:.1f} ms ({between_repeats['min']:.0f}-{between_repeats['max']:.0f})"
 
 
 def _yes(flag: bool | None) -> str:

@@ -39,6 +39,7 @@ Usage::
 
     python benchmarks/memory_recipes.py                 # ~100M LLaMA (hidden 640, 12 layers, vocab 32000)
     python benchmarks/memory_recipes.py --device cuda   # the same on a GPU, + activation offloading
+    python benchmarks/memory_recipes.py --repeats 3     # each recipe in 3 fresh processes: tokens/s spread
     python benchmarks/memory_recipes.py --smoke --out /tmp/x   # a tiny model, seconds (the test)
     python benchmarks/memory_recipes.py --recipes adamw,all --batch 4 --seq 512
 
@@ -52,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +64,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from machine import describe_machine, machine_line, spread  # noqa: E402
+
 PEAK_TARGET, SPEED_TARGET = 0.25, 0.6
 
 
@@ -311,13 +316,26 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def _tokens_per_s(row: dict[str, Any]) -> str:
+    between = row.get("tokens_per_s_spread")
+    if not between or between["n"] < 2:
+        return f"{row['tokens_per_s']:,.0f}"
+    return f"{row['tokens_per_s']:,.0f} ({between['min']:,.0f}-{between['max']:,.0f})"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     base = next((r for r in rows if r.get("recipe") == "adamw"), None)
     lines = [
         f"Model: LLaMA-shaped, {report['shape']['params'] / 1e6:.1f}M parameters (hidden {report['shape']['hidden']}, "
         f"{report['shape']['layers']} layers, vocab {report['shape']['vocab']}), batch {report['shape']['batch']} x "
-        f"{report['shape']['seq']} tokens, fp32, {report['device']}; each recipe in a fresh process.",
+        f"{report['shape']['seq']} tokens, fp32, {report['device']}; each recipe in a fresh process"
+        + (
+            f" ({report['repeats']} processes each: tokens/s is their median, range in brackets)."
+            if report.get("repeats", 1) > 1
+            else "."
+        )
+        + (f" Machine: {machine_line(report['machine'])}." if "machine" in report else ""),
         "",
         "| recipe | params MiB | grads (peak live) MiB | optimizer state MiB | activations MiB | tensor peak MiB "
         "| vs AdamW | process peak MiB | training peak MiB | vs AdamW | tokens/s | speed vs AdamW "
@@ -334,7 +352,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_mib(row['optimizer_state_bytes'])} | {_mib(row['activation_bytes'])} "
             f"| {_mib(row['tensor_peak_bytes'])} | {tensor_ratio} "
             f"| {_mib(row['process_peak_bytes'])} | {_mib(row['training_peak_bytes'])} | {peak_ratio} "
-            f"| {row['tokens_per_s']:,.0f} | {speed_ratio} | {cpu_ratio} | {_mib(row['build_peak_bytes'])} |"
+            f"| {_tokens_per_s(row)} | {speed_ratio} | {cpu_ratio} | {_mib(row['build_peak_bytes'])} |"
         )
     full = next((r for r in rows if r.get("recipe") == "all"), None)
     if base and full:
@@ -390,6 +408,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"comma-separated, from: {', '.join(RECIPES)} (default: all; {', '.join(CPU_ONLY_SKIPS)} on CUDA only)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="fresh processes per recipe; tokens/s is their median (range beside)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and markdown results")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: the shape's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the shape's)")
@@ -417,9 +438,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: expected at least 1")
     rows = []
     for name in names:
-        rows.append(run_in_fresh_process(name, shape_name, overrides, args.device))
+        repeats = [run_in_fresh_process(name, shape_name, overrides, args.device) for _ in range(args.repeats)]
+        # Bytes are the same in every process; the speed varies with the machine.
+        rows.append(
+            {
+                **repeats[0],
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in repeats),
+                "tokens_per_s_spread": spread(r["tokens_per_s"] for r in repeats),
+                "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in repeats),
+            }
+        )
         print(
             f"  {rows[-1]['label']}: peak {_mib(rows[-1]['process_peak_bytes'])} MiB, "
             f"{rows[-1]['tokens_per_s']:,.0f} tokens/s",
@@ -437,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{__import__('torch').get_num_threads()})"
         ),
         "python": platform.python_version(),
+        "machine": describe_machine(args.device),
+        "repeats": args.repeats,
         "rows": rows,
     }
     base = next((r for r in measured if r["recipe"] == "adamw"), None)

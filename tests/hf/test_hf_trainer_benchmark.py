@@ -29,6 +29,11 @@ def test_hf_trainer_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert ours["optimizer_class"] == "lightning_memopt.optim.apollo.APOLLO"
     assert ours["checkpoint_loads_weights_only"]
     assert rows["ours: apollo_mini (rank 1)"]["state_bytes"] < ours["state_bytes"] < ours["adamw_state_bytes"]
+    # one repeat in --smoke: the spread is that repeat's median
+    assert ours["step_ms_spread"]["n"] == 1 and ours["step_ms_spread"]["median"] == pytest.approx(
+        ours["step_ms_median"]
+    )
+    assert {"cpu", "cores", "threads", "torch"} <= set(saved["machine"])
     hf = rows["HF apollo_adamw, rank 128 (apollo-torch)"]
     if hf["available"]:
         assert saved["targets"]["state_at_most_hf"]  # the projection is not part of our state

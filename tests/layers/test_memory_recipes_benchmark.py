@@ -29,3 +29,16 @@ def test_memory_recipes_smoke(tmp_path: Path) -> None:
     assert set(report["target"]) >= {"peak_ratio", "tensor_peak_ratio", "speed_ratio", "cpu_speed_ratio", "met"}
     assert json.loads((tmp_path / "memory_recipes.json").read_text())["rows"][0]["recipe"] == "adamw"
     assert "| + INT8 weights |" in (tmp_path / "memory_recipes.md").read_text()
+
+
+def test_memory_recipes_repeats_give_a_tokens_per_s_spread(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("memory_recipes_repeats", ROOT / "benchmarks" / "memory_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    report = module.main(["--smoke", "--recipes", "adamw", "--repeats", "2", "--out", str(tmp_path)])
+    (row,) = report["rows"]
+    between = row["tokens_per_s_spread"]
+    assert between["n"] == 2 and between["min"] <= row["tokens_per_s"] <= between["max"]
+    assert report["repeats"] == 2 and {"cpu", "cores"} <= set(report["machine"])
+    assert "2 processes each" in (tmp_path / "memory_recipes.md").read_text()
