@@ -363,7 +363,10 @@ class APOLLO(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if not differentiable:  # torch adds it to every copy; a copy keeps the original's defaults
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("projection_dtype", None)
         self.__dict__.setdefault("adamw_8bit", False)
         self.__dict__.setdefault("cache_projection", True)
@@ -450,7 +453,7 @@ class APOLLO(torch.optim.Optimizer):
                 )
         # A torch Adam/AdamW state dict: its groups have none of APOLLO's keys.
         foreign = all("low_rank" not in g and "rank" not in g for g in saved_groups)
-        groups = []
+        groups, first_index = [], 0
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             # Keys the saved group lacks (saved before they existed, or by AdamW) keep the values this
             # optimizer was built with: its constructor's defaults unless the group set them.
@@ -459,7 +462,10 @@ class APOLLO(torch.optim.Optimizer):
                 merged.pop("param_names", None)
             if isinstance(merged.get("betas"), list):
                 merged["betas"] = tuple(merged["betas"])
-            self._validate_group(merged, f"param group {i} of the state dict")
+            where = f"param group {i} of the state dict"
+            self._validate_group(merged, where)
+            self._validate_params({**merged, "params": group["params"]}, where, first_index)
+            first_index += len(group["params"])
             groups.append(merged)
 
         state: dict[Any, Any] = {k: v for k, v in saved_state.items()}
