@@ -149,7 +149,7 @@ def test_refusals_name_the_value(tiny_trainer) -> None:
     with pytest.raises(ValueError, match=r"group_size=0"):
         Int8Weights(group_size=0)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=1, logger=False)
-    with pytest.raises(ValueError, match=r"strategy DDPStrategy is not supported.*single device"):
+    with pytest.raises(ValueError, match=r"strategy DDPStrategy is not supported.*Train on one device"):
         Int8Weights().setup(trainer, Tiny(), "fit")
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matched no module"):
         tiny_trainer(Int8Weights(target_modules=["nope"])).fit(Tiny(), DataLoader(torch.randn(8, 16), batch_size=4))

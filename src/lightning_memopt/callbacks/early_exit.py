@@ -50,10 +50,10 @@ from torch import nn
 
 from ..layers.early_exit import CURRICULA, EarlyExits, add_early_exits, get_early_exits
 from .model_surgery import remove_model_surgery, run_after_configure_model
+from .strategy_support import refuse_sharding_strategies
 
 _LOSS_TERM = "early_exit"
 # Strategies that shard the parameters: the exit heads run outside the root forward, unsharded.
-_SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAStrategy")
 
 
 class EarlyExit(Callback):
@@ -160,13 +160,11 @@ class EarlyExit(Callback):
         return get_early_exits(network) if network is not None else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        sharded = [c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _SHARDING_STRATEGIES]
-        if sharded:
-            raise ValueError(
-                f"EarlyExit: the {type(trainer.strategy).__name__} ({sharded[0]}) shards the LM head and final norm, "
-                "which the exits call outside the model's forward; early exits are not supported there yet. Use a "
-                "single device or DDP (strategy='ddp')."
-            )
+        refuse_sharding_strategies(
+            "EarlyExit",
+            trainer,
+            "it shards the LM head and final norm, which the exits call outside the model's forward",
+        )
         terms = getattr(pl_module, "loss_terms", None)
         if stage == "fit" and not isinstance(terms, dict):
             raise TypeError(

@@ -38,9 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 
 from ..optim import LayerwiseOptimizer
-
-# Strategies that shard or own the gradients: per-parameter hooks do not see them there.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+from .strategy_support import refuse_sharding_strategies
 
 
 class LayerwiseUpdates(Callback):
@@ -69,8 +67,12 @@ class LayerwiseUpdates(Callback):
         self.max_grad_norm = max_grad_norm
         self._drivers: list[LayerwiseOptimizer] = []
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before the strategy shards or wraps anything: a refusal loses no work.
+        if stage == "fit":
+            self._check_supported(trainer, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_supported(trainer, pl_module)
         ddp = isinstance(trainer.strategy.model, DistributedDataParallel)
         wrapped = []
         for optimizer in trainer.strategy.optimizers:
@@ -112,9 +114,8 @@ class LayerwiseUpdates(Callback):
                 "all gradients before the step; layer-wise updates have no such moment. Use "
                 "precision='bf16-mixed' (no scaler) or 32."
             )
-        name = type(trainer.strategy).__name__
-        if name in _UNSUPPORTED_STRATEGIES:
-            raise ValueError(
-                f"LayerwiseUpdates: the {name} owns the gradients (sharded or fused), so per-parameter hooks "
-                "cannot update the weights there. Use a single device or DDP (strategy='ddp')."
-            )
+        refuse_sharding_strategies(
+            "LayerwiseUpdates",
+            trainer,
+            "it owns the gradients (sharded or fused), so per-parameter hooks cannot update the weights there",
+        )

@@ -37,8 +37,7 @@ from ..optim.param_groups import TargetModules
 from ..quant import DEFAULT_GROUP_SIZE, quantize_linear_weights
 from ..quant.int8 import check_group_size
 from .model_surgery import remove_model_surgery, run_after_configure_model
-
-_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy",)
+from .strategy_support import require_single_device
 
 
 class Int8Weights(Callback):
@@ -76,14 +75,12 @@ class Int8Weights(Callback):
         self._patched: list[pl.LightningModule] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if name not in _SUPPORTED_STRATEGIES:
-            raise ValueError(
-                f"Int8Weights: strategy {name} is not supported. INT8 weight training runs on a single device "
-                "(strategy='auto', devices=1): FSDP, FSDP2 (apollo_fsdp) and DeepSpeed shard or flatten the "
-                "weights, which the INT8 tensor does not support, and DDP is untested with it. Remove the "
-                "callback or train on one device."
-            )
+        require_single_device(
+            "Int8Weights",
+            trainer,
+            "FSDP, FSDP2 (apollo_fsdp) and DeepSpeed shard or flatten the weights, which the INT8 tensor does not "
+            "support, and DDP is untested with it",
+        )
         if pl_module in self._patched:
             return  # already wrapped by this callback (a second setup without teardown)
 
