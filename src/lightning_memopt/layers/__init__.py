@@ -16,12 +16,12 @@ from .early_exit import (
     EarlyExits,
     add_early_exits,
     early_exit_forward,
-    early_exit_generate,
     early_exit_loss,
     get_early_exits,
     layerskip_weights,
     remove_early_exits,
 )
+from .early_exit_decoding import EarlyExitGenerateOutput, early_exit_generate
 from .moe import (
     MoELayer,
     active_parameters,
@@ -35,13 +35,16 @@ from .moe import (
 )
 from .objective import LossTerm, ObjectiveStep, add_loss_term, get_objective, last_loss_parts, remove_loss_term
 from .offload import OffloadActivations
+from .speculative import SelfSpeculativeOutput, self_speculative_generate
 
 __all__ = [
+    "EarlyExitGenerateOutput",
     "EarlyExits",
     "LossTerm",
     "MoELayer",
     "ObjectiveStep",
     "OffloadActivations",
+    "SelfSpeculativeOutput",
     "active_parameters",
     "add_early_exits",
     "add_loss_term",
@@ -66,6 +69,7 @@ __all__ = [
     "remove_chunked_loss",
     "remove_early_exits",
     "remove_loss_term",
+    "self_speculative_generate",
     "set_moe_modality",
     "transformer_block_classes",
     "upcycle_to_moe",

@@ -26,11 +26,11 @@ of them. ``checkpoint_heads=False`` keeps each exit's logits alive until backwar
 Inference: :func:`early_exit_forward` gives, for every token of a sequence, the prediction of
 the first exit whose top softmax probability reaches ``threshold`` (``threshold >= 1``: never
 exit, the full model; ``0``: always the first exit), the layer it exited at and the fraction of
-layers skipped. :func:`early_exit_generate` decodes greedily with a KV cache and really skips
-the layers: the skipped layers' keys and values of an exited token are computed later, in one
-batch with the next token that goes deeper (EE-LLM's *KV recomputation*), so every cached state
-is the full model's and the generated tokens are exactly those :func:`early_exit_forward`
-predicts on the generated sequence.
+layers skipped. Decoding lives beside it: :func:`~.early_exit_decoding.early_exit_generate`
+(confidence exit with a KV cache that really skips the layers, and recomputes a skipped layer's
+keys and values later, in one batch with the next token that goes deeper: EE-LLM's *KV
+recomputation*) and :func:`~.speculative.self_speculative_generate` (LayerSkip's lossless
+self-speculative decoding).
 
 Example:
     >>> import torch
@@ -66,13 +66,11 @@ from .blocks import find_transformer_blocks
 __all__ = [
     "CURRICULA",
     "EarlyExitForwardOutput",
-    "EarlyExitGenerateOutput",
     "EarlyExitLossOutput",
     "EarlyExits",
     "ExitHead",
     "add_early_exits",
     "early_exit_forward",
-    "early_exit_generate",
     "early_exit_loss",
     "get_early_exits",
     "layerskip_weights",
@@ -698,221 +696,10 @@ def early_exit_forward(
     return EarlyExitForwardOutput(logits, exit_layers, exits.num_layers, loss)
 
 
-# -- inference: generation with a KV cache -----------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # Generation moved to early_exit_decoding.py; the old import path keeps working.
+    if name in ("early_exit_generate", "EarlyExitGenerateOutput"):
+        from . import early_exit_decoding as decoding
 
-
-class _PrefixCache:
-    """Per-layer key/value prefixes of different lengths (what a layer's attention calls
-    ``update`` on); each layer's cache always holds positions ``0 .. length - 1``."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.layer: int = 0  # the layer the next update belongs to (attention modules know theirs too)
-
-    def length(self, layer: int) -> int:
-        keys = self.keys[layer]
-        return 0 if keys is None else keys.shape[-2]
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        layer = self.layer  # the block being run (its attention's layer_idx is the same for LLaMA)
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = key, value
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], key], dim=-2)
-            self.values[layer] = torch.cat([self.values[layer], value], dim=-2)
-        return self.keys[layer], self.values[layer]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length(layer_idx)
-
-
-@dataclass
-class EarlyExitGenerateOutput:
-    """What :func:`early_exit_generate` returns.
-
-    Attributes:
-        sequences: ``batch x (prompt + new)`` token ids (rows that stopped at ``eos`` are padded
-            with it).
-        exit_layers: ``batch x new``: the block index each new token exited at (``num_layers -
-            1``: the final layer; ``-1``: not generated, after ``eos``).
-        num_layers: the model's number of blocks.
-        block_evaluations: (token, block) pairs computed after the prompt, recomputed keys and
-            values of exited tokens included.
-        full_block_evaluations: what the full model computes for the same tokens.
-
-    Example:
-        >>> out = EarlyExitGenerateOutput(torch.zeros(1, 3), torch.tensor([[1, 3]]), 4, 6, 8)
-        >>> out.mean_layers_run, out.fraction_skipped, out.compute_saved
-        (3.0, 0.25, 0.25)
-    """
-
-    sequences: torch.Tensor
-    exit_layers: torch.Tensor
-    num_layers: int
-    block_evaluations: int
-    full_block_evaluations: int
-
-    @property
-    def mean_layers_run(self) -> float:
-        """Blocks run per new token before its prediction, on average (the sequential depth)."""
-        made = self.exit_layers[self.exit_layers >= 0]
-        return float((made + 1).float().mean()) if made.numel() else 0.0
-
-    @property
-    def fraction_skipped(self) -> float:
-        """The fraction of blocks a new token skips before its prediction, on average."""
-        return 1.0 - self.mean_layers_run / self.num_layers if self.mean_layers_run else 0.0
-
-    @property
-    def compute_saved(self) -> float:
-        """The fraction of block evaluations saved against the full model, after the deferred
-        keys and values were recomputed (smaller than ``fraction_skipped``: a skipped layer is
-        computed later, in one batch with the next token that goes deeper, unless no later token
-        does)."""
-        return 1.0 - self.block_evaluations / self.full_block_evaluations if self.full_block_evaluations else 0.0
-
-
-def _llama_style_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList]:
-    base = getattr(model, "model", None)
-    parts = [getattr(base, name, None) for name in ("embed_tokens", "rotary_emb", "layers")]
-    if any(part is None for part in parts):
-        raise ValueError(
-            f"early_exit_generate drives LLaMA-style decoders (model.model.embed_tokens, .rotary_emb, .layers: "
-            f"Llama, Mistral, Qwen2, ...); {type(model).__name__} is not one. Use early_exit_forward, which works "
-            "with any model add_early_exits accepts."
-        )
-    return parts[0], parts[1], parts[2]
-
-
-def _causal_mask(chunk: int, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    if chunk == 1:
-        return None  # one query attends to every cached key
-    query = torch.arange(prefix, prefix + chunk, device=device)[:, None]
-    key = torch.arange(prefix + chunk, device=device)[None, :]
-    mask = torch.zeros(chunk, prefix + chunk, dtype=dtype, device=device)
-    return mask.masked_fill(key > query, torch.finfo(dtype).min)[None, None]
-
-
-@torch.no_grad()
-def early_exit_generate(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    threshold: float,
-    eos_token_id: int | None = None,
-) -> EarlyExitGenerateOutput:
-    """Greedy decoding that stops each new token at the first confident exit, with a KV cache.
-
-    Per sequence (rows are decoded one after another). A token whose exit at block ``e`` is
-    confident (top softmax probability ``>= threshold``) skips blocks ``e + 1 ..``; their keys
-    and values for it are computed when a later token first runs those blocks, in one batch
-    with it (EE-LLM's KV recomputation). Every cached state is then the full model's, and the
-    tokens are exactly those :func:`early_exit_forward` predicts on the output (up to float
-    rounding). ``threshold >= 1`` is plain greedy decoding with the full model.
-
-    LLaMA-style decoders only (``model.model.embed_tokens``, ``.rotary_emb``, ``.layers``:
-    Llama, Mistral, Qwen2, ...), without padding in ``input_ids``.
-
-    Example:
-        >>> from lightning_memopt.models import build_llama
-        >>> model = build_llama("tiny", vocab_size=257)
-        >>> _ = add_early_exits(model, [1])
-        >>> out = early_exit_generate(model, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=3, threshold=0.0)
-        >>> out.sequences.shape, out.exit_layers.tolist()
-        (torch.Size([1, 7]), [[1, 1, 1]])
-    """
-    exits = _require_exits(model, "early_exit_generate")
-    embed, rotary, layers = _llama_style_parts(model)
-    if list(layers) != list(exits.blocks):
-        raise ValueError("early_exit_generate: the exits' blocks are not model.model.layers; it cannot drive them.")
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(
-            f"early_exit_generate: input_ids must be batch x length (length >= 1), got {tuple(input_ids.shape)}."
-        )
-    if max_new_tokens < 1:
-        raise ValueError(f"early_exit_generate: max_new_tokens={max_new_tokens}; use an int >= 1.")
-    was_training = model.training
-    model.eval()
-    try:
-        rows = [
-            _generate_row(exits, embed, rotary, row[None], max_new_tokens, threshold, eos_token_id) for row in input_ids
-        ]
-    finally:
-        model.train(was_training)
-    fill = eos_token_id if eos_token_id is not None else 0
-    width = input_ids.shape[1] + max_new_tokens
-    sequences = torch.full((len(rows), width), fill, dtype=input_ids.dtype, device=input_ids.device)
-    exit_layers = torch.full((len(rows), max_new_tokens), -1, dtype=torch.long)
-    evaluations = full = 0
-    for i, (tokens, row_exits, row_evals) in enumerate(rows):
-        sequences[i, : tokens.numel()] = tokens
-        exit_layers[i, : len(row_exits)] = torch.tensor(row_exits, dtype=torch.long)
-        evaluations += row_evals
-        full += len(row_exits) * exits.num_layers
-    return EarlyExitGenerateOutput(sequences, exit_layers, exits.num_layers, evaluations, full)
-
-
-def _generate_row(
-    exits: EarlyExits,
-    embed: nn.Module,
-    rotary: nn.Module,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    threshold: float,
-    eos_token_id: int | None,
-) -> tuple[torch.Tensor, list[int], int]:
-    num_layers, device = exits.num_layers, prompt.device
-    cache = _PrefixCache(num_layers)
-    exit_set = set() if _never_exits(threshold) else set(exits.exit_layers)
-    tokens = prompt[0].tolist()
-    # Positions start .. current (inclusive) whose deepest computed state is in `states`, each at
-    # its own depth; every block l holds keys/values for positions 0 .. cache.length(l) - 1.
-    states: torch.Tensor | None = None
-    start = 0
-
-    def run_block(layer: int, hidden: torch.Tensor, first: int) -> torch.Tensor:
-        positions = torch.arange(first, first + hidden.shape[1], device=device)[None]
-        cos_sin = rotary(hidden, position_ids=positions)
-        cache.layer = layer
-        mask = _causal_mask(hidden.shape[1], first, hidden.dtype, device)
-        out = exits.blocks[layer](
-            hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, position_embeddings=cos_sin
-        )
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    # The prompt but its last token runs through every block: its keys and values are needed.
-    if len(tokens) > 1:
-        hidden = embed(prompt[:, :-1])
-        for layer in range(num_layers):
-            hidden = run_block(layer, hidden, 0)
-        start = len(tokens) - 1
-    exit_layers: list[int] = []
-    evaluations = 0
-    current = prompt[:, -1:]
-    for _ in range(max_new_tokens):
-        position = len(tokens) - 1
-        new = embed(current)
-        states = new if states is None else torch.cat([states, new], dim=1)
-        logits, exited_at = None, num_layers - 1
-        for layer in range(num_layers):
-            first = cache.length(layer)  # positions first .. current still need this block
-            offset = first - start
-            out = run_block(layer, states[:, offset:], first)
-            evaluations += out.shape[1]
-            states = torch.cat([states[:, :offset], out], dim=1)
-            if layer in exit_set:
-                exit_logits = exits.heads[layer](out[:, -1:])
-                if exit_logits.float().softmax(-1).amax() >= threshold:
-                    logits, exited_at = exit_logits, layer
-                    break
-        if logits is None:
-            logits = exits.final_head(states[:, -1:])
-            start, states = position + 1, None  # every position is at full depth now
-        exit_layers.append(exited_at)
-        token = int(logits[0, -1].argmax())
-        tokens.append(token)
-        if eos_token_id is not None and token == eos_token_id:
-            break
-        current = torch.tensor([[token]], dtype=prompt.dtype, device=device)
-    return torch.tensor(tokens, dtype=prompt.dtype), exit_layers, evaluations
+        return getattr(decoding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
