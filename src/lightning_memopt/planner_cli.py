@@ -190,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> PlanSettings:
 def run_plan(args: argparse.Namespace) -> tuple[MemoryPlan, nn.Module]:
     """Build the model and plan it (see :func:`main`)."""
     from lightning_memopt.layers.blocks import find_transformer_blocks
+    from lightning_memopt.layers.checkpointing import SAVED_OPS
 
     settings = settings_from_args(args)
     model = load_meta_model(args.model)
@@ -203,6 +204,7 @@ def run_plan(args: argparse.Namespace) -> tuple[MemoryPlan, nn.Module]:
             full_loss_fn=_own_loss,
             blocks=blocks,
             apply_checkpointing=lambda m, policy: _checkpoint(m, policy, blocks),
+            selective_ops=SAVED_OPS,
         )
     except (KeyError, ValueError) as err:
         raise PlannerError(str(err).strip("\"'")) from err

@@ -17,8 +17,9 @@ length, precision, INT8 weights, layer-wise updates, activation checkpointing, c
   every tensor autograd saves for backward is counted, each storage once (parameters
   excluded), under CPU autocast for ``bf16-mixed``. A checkpointed block keeps only its inputs
   (counted too). Added to that is the peak of backward beyond the saved tensors: the loss's
-  gradient (two ``tokens x vocab`` fp32 tensors; one chunk's with the chunked loss) or a
-  checkpointed block's recomputation, whichever is larger.
+  gradient (two ``tokens x vocab`` fp32 tensors; one chunk's with the chunked loss) while
+  everything is still saved, or later a checkpointed block's recomputation (its full
+  activations) once the logits are freed, whichever is larger.
 - **optimizer-step temporaries** (GPU kernels): torch's foreach AdamW allocates one
   ``sqrt(exp_avg_sq)`` list the size of its parameters; APOLLO's low-rank step works in chunks
   of at most 2**21 projected elements (two such buffers); a layer-wise step handles one
@@ -51,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -59,6 +61,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..optim import get_optimizer_spec, select_low_rank_modules
 from .accounting import MemoryBreakdown
@@ -264,6 +267,7 @@ def count_activations(
     blocks: Sequence[nn.Module] = (),
     dtype: torch.dtype | None = None,
     autocast_dtype: torch.dtype | None = None,
+    selective_ops: frozenset[Any] = frozenset(),
 ) -> ActivationCount:
     """Bytes autograd saves for backward in one forward + loss of ``model`` on a
     ``batch_size x seq_len`` batch of token ids, without memory: the model runs on fake tensors.
@@ -275,6 +279,8 @@ def count_activations(
             checkpointed block's inputs, which it keeps until backward, are counted).
         dtype: run with floating parameters in this dtype (``bf16-true``).
         autocast_dtype: run under CPU autocast to this dtype (``bf16-mixed``).
+        selective_ops: the aten ops whose outputs a selective checkpoint keeps (its own cache,
+            which no autograd hook sees): counted as they run inside a block.
 
     Example:
         >>> with torch.device("meta"):
@@ -309,18 +315,25 @@ def count_activations(
                     pack(item)
 
     marks: list[int] = []
+    in_block = [False]
+
+    def enter(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        marks.append(sum(saved.values()))
+        keep_inputs([*args, *kwargs.values()])
+        in_block[0] = True
+
+    def leave(*_: Any) -> None:
+        marks.append(sum(saved.values()))
+        in_block[0] = False
+
     handles = []
     for block in blocks:
-        handles.append(
-            block.register_forward_pre_hook(
-                lambda _m, args, kwargs: (marks.append(sum(saved.values())), keep_inputs([*args, *kwargs.values()]))[1],
-                with_kwargs=True,
-            )
-        )
-        handles.append(block.register_forward_hook(lambda *_: marks.append(sum(saved.values()))))
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
     try:
         with (
             mode,
+            _KeepOutputs(selective_ops, pack, in_block) if selective_ops else contextlib.nullcontext(),
             _reparametrize_module(model, tensors, tie_weights=True, strict=False),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
@@ -333,6 +346,23 @@ def count_activations(
     per_block = [marks[i + 1] - marks[i] for i in range(0, len(marks) - 1, 2)]
     head = total - marks[-1] if marks else 0
     return ActivationCount(saved=total, per_block=per_block, head=head)
+
+
+class _KeepOutputs(TorchDispatchMode):
+    """Counts (through ``pack``) the outputs of ``ops`` computed inside a block: what a selective
+    checkpoint's cache keeps for backward."""
+
+    def __init__(self, ops: frozenset[Any], pack: Callable[[torch.Tensor], Any], in_block: list[bool]) -> None:
+        super().__init__()
+        self.ops, self.pack, self.in_block = ops, pack, in_block
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.in_block[0] and func in self.ops:
+            for item in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(item, torch.Tensor):
+                    self.pack(item)
+        return out
 
 
 @dataclass
@@ -503,6 +533,7 @@ def plan(
     apply_checkpointing: Callable[[nn.Module, str], Any] | None = None,
     target_modules: Any = None,
     full_loss_fn: LossFn | None = None,
+    selective_ops: frozenset[Any] = frozenset(),
 ) -> MemoryPlan:
     """Bytes per device of training ``model`` with ``settings`` (see the module docstring).
 
@@ -517,6 +548,8 @@ def plan(
         target_modules: APOLLO's low-rank modules, as for :func:`~lightning_memopt.memory.estimate`.
         full_loss_fn: the model's own loss (full logits) for the baseline, when ``loss_fn`` is
             a chunked one; default ``loss_fn``.
+        selective_ops: the aten ops whose outputs the ``"selective"`` policy keeps
+            (``lightning_memopt.layers.checkpointing.SAVED_OPS``).
 
     Raises:
         ValueError: a bad setting (see :meth:`PlanSettings.validate`), or checkpointing asked
@@ -588,18 +621,28 @@ def plan(
     counted, block_transient = plain, 0
     if settings.activation_checkpointing:
         apply_checkpointing(model, settings.activation_checkpointing)  # type: ignore[misc]
-        counted = count(loss_fn, None, autocast)
+        counted = count_activations(
+            model,
+            settings.batch_size,
+            settings.seq_len,
+            loss_fn=loss_fn,
+            blocks=blocks,
+            autocast_dtype=autocast,
+            selective_ops=selective_ops if settings.activation_checkpointing == "selective" else frozenset(),
+        )
         # Backward recomputes one block at a time: its full activations come back.
         block_transient = max(plain.per_block, default=0)
     loss_transient = _loss_transient(settings, vocab, hidden, compute_itemsize)
-    activations = counted.saved + max(loss_transient, block_transient)
+    # The loss's backward comes first, with everything saved; a block's recomputation later, when
+    # the logits and the loss's tensors are gone.
+    activations = max(counted.saved + loss_transient, counted.saved - counted.head + block_transient)
     detail = {
         "saved": counted.saved,
         "blocks": len(counted.per_block),
         "per_block": max(counted.per_block, default=0),
         "embeddings": counted.embeddings,
         "head_and_loss": counted.head,
-        "backward_peak": max(loss_transient, block_transient),
+        "backward_peak": activations - counted.saved,
     }
     if settings.layerwise:
         total = params + buffers + state + fsdp + activations + grads + temporaries
