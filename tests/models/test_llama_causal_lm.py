@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lightning_memopt.data import TextDataModule
 from lightning_memopt.models import LLAMA_SIZES, CausalLM, WarmupCosineLR, build_causal_lm, build_llama, llama_config
@@ -53,18 +53,10 @@ def test_build_from_a_local_checkpoint_folder(tmp_path) -> None:
         build_causal_lm(str(tmp_path / "missing"))
 
 
-def test_causal_lm_takes_the_vocabulary_from_the_datamodule(tmp_path) -> None:
+def test_causal_lm_takes_the_vocabulary_from_the_datamodule(tmp_path, quiet_trainer) -> None:
     dm = TextDataModule(tokenizer="byte", seq_len=32, batch_size=4, max_chars=20_000, cache_dir=str(tmp_path))
     lm = CausalLM("tiny", optimizer=partial(torch.optim.AdamW, lr=1e-3), model_overrides=MICRO)
-    trainer = Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(lm, dm)
     assert lm.model.get_input_embeddings().num_embeddings == 257
     assert lm.hparams.vocab_size == 257
@@ -123,7 +115,7 @@ def test_warmup_cosine_schedule() -> None:
         open_ended.step()
 
 
-def test_fit_learns_logs_and_reloads(tmp_path) -> None:
+def test_fit_learns_logs_and_reloads(tmp_path, quiet_trainer) -> None:
     seed_everything(0)
     dm = TextDataModule(tokenizer="byte", seq_len=32, batch_size=8, max_chars=30_000, cache_dir=str(tmp_path))
     lm = CausalLM(
@@ -132,13 +124,10 @@ def test_fit_learns_logs_and_reloads(tmp_path) -> None:
         lr_scheduler=partial(WarmupCosineLR, warmup_steps=0.1),
         model_overrides=MICRO,
     )
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_steps=30,
-        accelerator="cpu",
-        logger=False,
         default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         val_check_interval=30,
         limit_val_batches=2,
         num_sanity_val_steps=0,
