@@ -96,11 +96,18 @@ def _hybrid_four_ranks(rank: int, world_size: int, root: str) -> None:
     assert hsdp.fsdp_mesh.mesh_dim_names == ("replicate", "shard") and tuple(hsdp.fsdp_mesh.shape) == (2, 2)
     assert_same_weights(model, reference(2), "HSDP (2, 2)")
     optimizer = hsdp.optimizers[0]
+    shard_group = hsdp.fsdp_mesh.get_group("shard")
     for p in model.parameters():
         assert p.placements == (Replicate(), Shard(0))
-        if p.dim() == 2 and min(p.shape) > 1:  # low-rank: moments halved (2 ranks per shard group), not quartered
-            state = optimizer.state[p]
-            assert local_view(state["exp_avg"]).numel() * 2 == state["exp_avg"].numel(), tuple(p.shape)
+        if p.dim() == 2 and min(p.shape) > 1:  # low-rank: the moments split over the 2 ranks of a shard group
+            moment = optimizer.state[p]["exp_avg"]
+            held = torch.tensor([local_view(moment).numel()])
+            in_group, in_world = held.clone(), held.clone()
+            torch.distributed.all_reduce(in_group, group=shard_group)
+            torch.distributed.all_reduce(in_world)
+            # A shard group holds one copy (each rank about half), the world one per replica.
+            assert in_group.item() == moment.numel() and in_world.item() == 2 * moment.numel(), tuple(p.shape)
+            assert held.item() <= -(-moment.numel() // 2) + max(moment.shape), tuple(p.shape)
 
     # 1 epoch, a distributed checkpoint, the 2nd epoch resumed on the same mesh.
     trainer = make_trainer(
