@@ -34,7 +34,11 @@ from .optimizers import (
 from .registration import TransformersInternalsChanged, is_registered, register, register_on_transformers_import
 
 # name -> submodule, imported on first access (they import transformers at module level).
-_LAZY = {"MemoryProfilerCallback": ".memory_profiler"}
+_LAZY = {
+    "MemoryProfilerCallback": ".memory_profiler",
+    "LayerMetricsCallback": ".layer_metrics",
+    "int8_metrics": ".layer_metrics",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -45,12 +49,14 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "HF_OPTIMIZER_NAMES",
+    "LayerMetricsCallback",
     "MemoryProfilerCallback",
     "SyncGradients",
     "TrainerLayerwiseOptimizer",
     "TransformersInternalsChanged",
     "build_optimizer",
     "decay_parameter_names",
+    "int8_metrics",
     "is_registered",
     "optimizer_cls_and_kwargs",
     "param_groups",

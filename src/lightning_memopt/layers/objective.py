@@ -168,6 +168,7 @@ def _original_forward(model: nn.Module, objective: TrainingObjective) -> Callabl
 
 def _objective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     objective = get_objective(self)
+    objective.last_parts = {}  # parts belong to one forward: none for eval or label-less calls
     forward = _original_forward(self, objective)
     if args:
         # Positional arguments: bind them to names, so that pieces read ``labels`` & co. by name.
