@@ -320,14 +320,12 @@ class MoELayer(nn.Module):
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
-        # Choice-major order (all first choices, then all second ...), so that a stable sort by
-        # expert serves first choices before second choices when capacity is limited.
+        # Choice-major pairs (all first choices, then all second ...): pair ``p`` is token
+        # ``p % tokens``, so a stable sort by expert serves first choices before second choices
+        # (and earlier tokens before later ones) when capacity is limited.
         flat_expert = chosen.t().reshape(-1)
-        flat_token = torch.arange(tokens, device=x.device).repeat(k)
-        flat_weight = weights.t().reshape(-1)
         counts = torch.bincount(flat_expert, minlength=num_experts)
         order = torch.argsort(flat_expert, stable=True)
-        sorted_token, sorted_weight = flat_token[order], flat_weight[order]
 
         self.tokens_per_expert = counts.detach()
         self._aux_losses(logits, probs, counts, chosen, modality, expert_group, tokens)
@@ -341,20 +339,39 @@ class MoELayer(nn.Module):
                 group_sizes = torch.tensor(self.modality_groups, device=x.device)[expert_group]
                 capacity = torch.ceil(self.capacity_factor * group_tokens * k / group_sizes).long()
             kept = torch.minimum(counts, capacity)
+            # A pair survives when its rank within its expert's run of the sorted order is below
+            # the expert's capacity: index arithmetic, no per-expert loop.
+            starts = torch.cumsum(counts, 0) - counts
+            sorted_expert = flat_expert[order]
+            rank = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]
+            order = order[rank < kept[sorted_expert]]
         self.dropped_tokens = (counts - kept).sum().detach()
+        return self._experts_forward(x, order % tokens, weights.t().reshape(-1)[order], kept).reshape(shape)
 
-        out = torch.zeros_like(x)
-        starts = torch.cumsum(counts, 0) - counts
+    def _experts_forward(
+        self, x: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, per_expert: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the (token, expert) pairs, sorted by expert, through their experts and sum them back.
+
+        One gather (``index_select``) and one scatter (``index_add_``) for all experts: with one
+        gather and one scatter per expert instead, the backward pass zero-fills and adds a full
+        ``tokens x hidden`` gradient per expert, which cost as much as the experts' own small
+        matmuls at 512 tokens. The experts run back to back on contiguous slices of the
+        gathered rows; this is what ``torch._grouped_mm`` does on the CPU too (one GEMM per
+        group), measured no faster there (``benchmarks/moe.py``), and it keeps each expert an
+        ordinary module: per-expert ``nn.Linear`` matrices for APOLLO and INT8 weights, and any
+        MLP for sparse upcycling.
+        """
+        # The one host read of the forward: the slice sizes (free on the CPU, one sync on a GPU).
+        sizes = per_expert.tolist()
+        rows = x.index_select(0, token).split(sizes)
         # With gradients on, an expert without tokens still runs (on an empty batch): every
         # parameter then gets a gradient, zero or not, as DDP and FSDP expect on every rank.
         track = torch.is_grad_enabled()
-        for e, (start, n) in enumerate(zip(starts.tolist(), kept.tolist(), strict=True)):
-            if n == 0 and not track:
-                continue
-            idx = sorted_token[start : start + n]
-            y = self.experts[e](x.index_select(0, idx))
-            out.index_add_(0, idx, (y * sorted_weight[start : start + n, None].to(y.dtype)).to(out.dtype))
-        return out.reshape(shape)
+        outputs = [expert(part) for expert, part, n in zip(self.experts, rows, sizes, strict=True) if n or track]
+        y = torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+        y = y * weight[:, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def _aux_losses(
         self,
