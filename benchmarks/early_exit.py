@@ -1,0 +1,452 @@
+"""Early exits earn their keep: decoding tokens/s of self-speculative decoding and confidence exit
+against Hugging Face greedy ``generate``, on a LLaMA trained here with the early-exit loss.
+
+1. **Train** a LLaMA (8 blocks, hidden 256, exits after blocks 1, 3 and 5, shared head) with
+   LayerSkip's early-exit loss on the embedded corpus (the CPython docs, BPE 4096), then report
+   each exit's validation loss. The weights are cached in ``/tmp`` (keyed by the settings), so a
+   second run only decodes.
+2. **Decode** the same held-out prompts (``--new-tokens``, default 64, batch 1, no EOS stop) with:
+
+   - HF greedy: ``model.generate(do_sample=False, use_cache=True)`` (the baseline);
+   - HF's own self-speculative decoding, ``generate(assistant_early_exit=e)`` (shared head);
+   - ours, full model (:func:`early_exit_generate` at threshold 1: our decode loop, no exits);
+   - ours, self-speculative (:func:`self_speculative_generate`, exit layer x draft length):
+     lossless, checked token for token against HF greedy;
+   - ours, confidence exit (:func:`early_exit_generate`, a few thresholds): the fraction of new
+     tokens equal to the full model's, and the change of the held-out loss when each token takes
+     its exit's prediction (teacher forced, :func:`early_exit_forward`).
+
+   Methods are timed interleaved (every repeat runs each method once on every prompt, in a
+   rotated order), so load from other processes hits them alike; the table gives the median and
+   the range of the per-repeat tokens/s ratio to HF greedy of the same repeat.
+
+Usage::
+
+    python benchmarks/early_exit.py                       # train (~10-15 min on 2 cores) + decode
+    python benchmarks/early_exit.py --smoke --out /tmp/x  # tiny model, a few steps (the test)
+
+Writes ``<out>/early_exit.json``, ``.md`` and ``.png`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from lightning_memopt.data import TextDataModule
+from lightning_memopt.layers import (
+    add_early_exits,
+    early_exit_forward,
+    early_exit_generate,
+    early_exit_loss,
+    self_speculative_generate,
+)
+from lightning_memopt.models import build_llama
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CACHE_DIR = Path("/tmp/lightning_memopt_early_exit")
+SPEC_TARGET, CONF_TARGET, CONF_AGREEMENT = 1.3, 1.5, 0.95
+
+FULL = {
+    "layers": 8,
+    "hidden": 256,
+    "intermediate": 688,
+    "heads": 4,
+    "exits": [1, 3, 5],
+    "vocab": 4096,
+    "seq_len": 128,
+    "batch": 4,
+    "steps": 600,
+    "lr": 3e-3,
+    "max_train_minutes": 14.0,
+    "prompts": 4,
+    "prompt_len": 32,
+    "new_tokens": 64,
+    "repeats": 3,
+    "spec": [[1, 4], [3, 4], [3, 6], [5, 6]],
+    "hf_assistant": [3],
+    "thresholds": [0.9, 0.7, 0.5],
+    "val_batches": 6,
+}
+SMOKE = {
+    **FULL,
+    "layers": 4,
+    "hidden": 64,
+    "intermediate": 176,
+    "exits": [1, 2],
+    "vocab": 512,
+    "seq_len": 64,
+    "batch": 4,
+    "steps": 3,
+    "max_train_minutes": 2.0,
+    "prompts": 2,
+    "prompt_len": 8,
+    "new_tokens": 8,
+    "repeats": 2,
+    "spec": [[1, 3]],
+    "hf_assistant": [1],
+    "thresholds": [0.5],
+    "val_batches": 1,
+    "max_chars": 60_000,
+}
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def build(cfg: dict[str, Any], vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_llama(
+        "tiny",
+        vocab_size=vocab,
+        num_hidden_layers=cfg["layers"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["intermediate"],
+        num_attention_heads=cfg["heads"],
+    )
+    add_early_exits(model, cfg["exits"], checkpoint_heads=False)
+    return model
+
+
+def data_module(cfg: dict[str, Any]) -> TextDataModule:
+    dm = TextDataModule(
+        tokenizer="bpe",
+        bpe_vocab_size=cfg["vocab"],
+        seq_len=cfg["seq_len"],
+        batch_size=cfg["batch"],
+        max_chars=cfg.get("max_chars"),
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    fields = ("layers", "hidden", "intermediate", "heads", "exits", "vocab", "seq_len", "batch", "steps", "lr")
+    fields += ("max_chars", "max_train_minutes")
+    return hashlib.sha1(json.dumps([cfg.get(f) for f in fields]).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def validation_losses(model: torch.nn.Module, dm: TextDataModule, batches: int) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for i, batch in enumerate(dm.val_dataloader()):
+        if i >= batches:
+            break
+        out = early_exit_loss(model, batch["input_ids"])
+        for layer, loss in out.exit_losses.items():
+            sums[f"exit_{layer}"] = sums.get(f"exit_{layer}", 0.0) + float(loss)
+        sums["final"] = sums.get("final", 0.0) + float(out.final_loss)
+        count += 1
+    return {name: total / count for name, total in sums.items()}
+
+
+def train(cfg: dict[str, Any], dm: TextDataModule, retrain: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train (or load the cached weights of) the early-exit LLaMA; returns it and the training log."""
+    model = build(cfg, dm.num_tokens)
+    path = CACHE_DIR / f"model-{_key(cfg)}.pt"
+    if path.exists() and not retrain:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return model.eval(), saved["log"]
+    model.train()
+    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 15)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+
+    start, done, losses = time.perf_counter(), 0, []
+    budget = 60 * cfg["max_train_minutes"]
+    deadline = start + budget
+
+    def schedule(step: int) -> float:
+        # Linear warm-up, then cosine decay to 10% over the steps or the time budget, whichever
+        # runs out first (on a shared CPU the step rate is unknown in advance).
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, max((step - warmup) / max(1, steps - warmup), (time.perf_counter() - start) / budget))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    while done < steps and time.perf_counter() < deadline:
+        for batch in dm.train_dataloader():
+            out = early_exit_loss(model, batch["input_ids"])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            done += 1
+            losses.append(float(out.final_loss.detach()))
+            if done % 10 == 0:
+                print(f"step {done}: final loss {statistics.mean(losses[-10:]):.3f}", flush=True)
+            if done >= steps or time.perf_counter() >= deadline:
+                break
+    log = {
+        "steps": done,
+        "planned_steps": steps,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "tokens": done * cfg["batch"] * cfg["seq_len"],
+        "val_loss": validation_losses(model, dm, cfg["val_batches"]),
+    }
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "log": log}, path)
+    return model.eval(), log
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def methods(model: torch.nn.Module, cfg: dict[str, Any], new: int) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """name -> decode(prompt): every method makes exactly ``new`` tokens (no EOS stop)."""
+
+    def hf(prompt: torch.Tensor, **kwargs: Any) -> Any:
+        return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, **kwargs)
+
+    table: dict[str, Callable[[torch.Tensor], Any]] = {"HF greedy": hf}
+    for layer in cfg["hf_assistant"]:
+        table[f"HF assistant_early_exit={layer + 1}"] = lambda p, e=layer + 1: hf(p, assistant_early_exit=e)
+    table["ours, full model"] = lambda p: early_exit_generate(model, p, new, threshold=1.0)
+    for layer, draft in cfg["spec"]:
+        table[f"self-speculative exit {layer}, draft {draft}"] = lambda p, e=layer, k=draft: self_speculative_generate(
+            model, p, new, exit_layer=e, num_draft_tokens=k
+        )
+    for threshold in cfg["thresholds"]:
+        table[f"confidence exit {threshold}"] = lambda p, t=threshold: early_exit_generate(model, p, new, threshold=t)
+    return table
+
+
+def _tokens(result: Any) -> torch.Tensor:
+    return result if isinstance(result, torch.Tensor) else result.sequences
+
+
+@torch.no_grad()
+def decode_benchmark(model: torch.nn.Module, cfg: dict[str, Any], prompts: list[torch.Tensor]) -> dict[str, Any]:
+    """Interleaved, repeated timing of every method on every prompt; token agreement with HF greedy."""
+    new = cfg["new_tokens"]
+    table = methods(model, cfg, new)
+    names = list(table)
+    for fn in table.values():  # warm-up: first-call costs (allocations, lazy imports) are not decoding
+        fn(prompts[0][:, :4])
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {}
+    for repeat in range(cfg["repeats"]):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:  # a rotated order per repeat
+            results = []
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            for prompt in prompts:
+                results.append(table[name](prompt))
+            wall[name].append(time.perf_counter() - wall_start)
+            cpu[name].append(time.process_time() - cpu_start)
+            outputs.setdefault(name, results)
+        print(f"repeat {repeat + 1}/{cfg['repeats']} done", flush=True)
+    reference = [_tokens(r)[0, p.shape[1] :] for r, p in zip(outputs["HF greedy"], prompts)]
+    tokens = new * len(prompts)
+    rows = []
+    for name in names:
+        made = [_tokens(r)[0, p.shape[1] :] for r, p in zip(outputs[name], prompts)]
+        equal = sum(int((m == ref).sum()) for m, ref in zip(made, reference))
+        row: dict[str, Any] = {
+            "method": name,
+            "tokens_per_s": statistics.median(tokens / t for t in wall[name]),
+            "speedup": _ratios(wall["HF greedy"], wall[name]),
+            "cpu_speedup": _ratios(cpu["HF greedy"], cpu[name]),
+            "vs_ours_full": _ratios(wall["ours, full model"], wall[name]),
+            "agreement": equal / tokens,
+            "lossless": all(torch.equal(m, ref) for m, ref in zip(made, reference)),
+        }
+        first = outputs[name][0]
+        if hasattr(first, "acceptance_rate"):
+            drafted = sum(r.drafted_tokens for r in outputs[name])
+            row["acceptance_rate"] = sum(r.accepted_tokens for r in outputs[name]) / drafted if drafted else 0.0
+            row["tokens_per_pass"] = tokens / sum(r.verify_passes for r in outputs[name])
+        if hasattr(first, "fraction_skipped"):
+            row["fraction_skipped"] = statistics.mean(r.fraction_skipped for r in outputs[name])
+        rows.append(row)
+    return {"rows": rows, "tokens_per_method": tokens, "wall_seconds": wall, "cpu_seconds": cpu}
+
+
+def _ratios(baseline: list[float], times: list[float]) -> dict[str, float]:
+    """Per-repeat speed ratios (baseline time / method time): median and range."""
+    ratios = [b / t for b, t in zip(baseline, times)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+@torch.no_grad()
+def confidence_quality(model: torch.nn.Module, dm: TextDataModule, cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Teacher forced on held-out blocks, per threshold: agreement of each token's exit prediction
+    with the full model's, the fraction of blocks skipped, and the loss change."""
+    out: dict[str, dict[str, float]] = {}
+    batches = [b["input_ids"] for i, b in zip(range(cfg["val_batches"]), dm.val_dataloader())]
+    full = [early_exit_forward(model, b, threshold=1.0, labels=b) for b in batches]
+    for threshold in cfg["thresholds"]:
+        agree = total = 0
+        losses, skipped = [], []
+        for batch, reference in zip(batches, full):
+            exited = early_exit_forward(model, batch, threshold=threshold, labels=batch)
+            agree += int((exited.logits.argmax(-1) == reference.logits.argmax(-1)).sum())
+            total += batch.numel()
+            losses.append(float(exited.loss - reference.loss))
+            skipped.append(exited.fraction_skipped)
+        out[f"confidence exit {threshold}"] = {
+            "teacher_forced_agreement": agree / total,
+            "loss_change": statistics.mean(losses),
+            "teacher_forced_skipped": statistics.mean(skipped),
+        }
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, train_log = report["config"], report["train"]
+    lines = [
+        f"LLaMA {cfg['layers']} blocks, hidden {cfg['hidden']}, vocab {cfg['vocab']}, exits after blocks "
+        f"{cfg['exits']} (shared head); trained {train_log['steps']} steps ({train_log['tokens']} tokens, "
+        f"{train_log['train_seconds']:.0f} s) with the early-exit loss on the CPython docs.",
+        "",
+        "Validation loss: " + ", ".join(f"{k} {v:.3f}" for k, v in train_log["val_loss"].items()) + ".",
+        "",
+        f"Decoding {cfg['prompts']} held-out prompts of {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens "
+        f"each, batch 1, {report['machine']['threads']} thread(s), {cfg['repeats']} interleaved repeats. Speed-up: "
+        "median [min-max] over repeats of HF greedy's time / the method's time (wall clock; CPU time in the next "
+        "column). Agreement: new tokens equal to HF greedy's at the same position.",
+        "",
+        "| method | tokens/s | speed-up vs HF greedy | CPU-time speed-up | vs our full loop | agreement | "
+        "acceptance | tokens/pass | skipped | teacher-forced agreement | loss change |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def ratio(r: dict[str, float]) -> str:
+        return f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]"
+
+    for row in report["decode"]["rows"]:
+        quality = report["confidence_quality"].get(row["method"], {})
+        cells = [
+            row["method"],
+            f"{row['tokens_per_s']:.1f}",
+            ratio(row["speedup"]),
+            ratio(row["cpu_speedup"]),
+            ratio(row["vs_ours_full"]),
+            f"{row['agreement']:.1%}" + (" (lossless)" if row["lossless"] else ""),
+            f"{row['acceptance_rate']:.1%}" if "acceptance_rate" in row else "",
+            f"{row['tokens_per_pass']:.2f}" if "tokens_per_pass" in row else "",
+            f"{row['fraction_skipped']:.1%}" if "fraction_skipped" in row else "",
+            f"{quality['teacher_forced_agreement']:.1%}" if quality else "",
+            f"{quality['loss_change']:+.3f}" if quality else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    target = report["target"]
+    lines += [
+        "",
+        f"Targets: self-speculative lossless >= {SPEC_TARGET}x HF greedy: best {target['best_speculative']:.2f}x "
+        f"({'met' if target['speculative_met'] else 'missed'}); confidence exit >= {CONF_TARGET}x at >= "
+        f"{CONF_AGREEMENT:.0%} agreement: best {target['best_confidence']:.2f}x "
+        f"({'met' if target['confidence_met'] else 'missed'}).",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in report["decode"]["rows"]:
+        speed = row["speedup"]
+        marker = "o" if "speculative" in row["method"] else "s" if "confidence" in row["method"] else "^"
+        ax.errorbar(
+            row["agreement"],
+            speed["median"],
+            yerr=[[speed["median"] - speed["min"]], [speed["max"] - speed["median"]]],
+            fmt=marker,
+            capsize=3,
+        )
+        ax.annotate(
+            row["method"], (row["agreement"], speed["median"]), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("new tokens equal to HF greedy's")
+    ax.set_ylabel("speed-up vs HF greedy (median, range)")
+    ax.set_title("Early-exit decoding on a 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (for the test)")
+    parser.add_argument("--train-only", action="store_true", help="train (or load) and report the exits' losses")
+    parser.add_argument("--retrain", action="store_true", help="ignore the cached weights")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for early_exit.json, .md, .png")
+    args = parser.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
+    dm = data_module(cfg)
+    model, log = train(cfg, dm, retrain=args.retrain or args.smoke)
+    print(json.dumps(log, indent=2), flush=True)
+    if args.train_only:
+        return {"train": log}
+    model.generation_config.eos_token_id = None  # every method makes new_tokens tokens
+    model.generation_config.pad_token_id = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch-1 decoding of a small model: one thread is fastest on shared cores
+    try:
+        prompts = [dm.val_dataset[i]["input_ids"][None, : cfg["prompt_len"]] for i in range(cfg["prompts"])]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # HF's notes about generation flags: not ours to fix
+            decode = decode_benchmark(model, cfg, prompts)
+        quality = confidence_quality(model, dm, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    rows = decode["rows"]
+    spec = [r["speedup"]["median"] for r in rows if "speculative" in r["method"] and r["lossless"]]
+    conf = [r["speedup"]["median"] for r in rows if "confidence" in r["method"] and r["agreement"] >= CONF_AGREEMENT]
+    report = {
+        "benchmark": "early_exit",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": 1,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
+        "config": cfg,
+        "train": log,
+        "decode": decode,
+        "confidence_quality": quality,
+        "target": {
+            "best_speculative": max(spec, default=0.0),
+            "speculative_met": max(spec, default=0.0) >= SPEC_TARGET,
+            "best_confidence": max(conf, default=0.0),
+            "confidence_met": max(conf, default=0.0) >= CONF_TARGET,
+        },
+    }
+    text = markdown(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "early_exit.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "early_exit.md").write_text(text + "\n")
+    plot(report, args.out / "early_exit.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""benchmarks/early_exit.py runs end to end (--smoke): trains a tiny model with exits, decodes with
+every method, and self-speculative decoding comes out lossless."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("early_exit_benchmark", ROOT / "benchmarks" / "early_exit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    report = module.main(["--smoke", "--out", str(tmp_path)])
+
+    assert report["train"]["steps"] == 3 and set(report["train"]["val_loss"]) == {"exit_1", "exit_2", "final"}
+    rows = {row["method"]: row for row in report["decode"]["rows"]}
+    assert set(rows) == {
+        "HF greedy",
+        "HF assistant_early_exit=2",
+        "ours, full model",
+        "self-speculative exit 1, draft 3",
+        "confidence exit 0.5",
+    }
+    assert rows["HF greedy"]["speedup"]["median"] == 1.0
+    assert rows["ours, full model"]["lossless"] and rows["self-speculative exit 1, draft 3"]["lossless"]
+    assert 0.0 <= rows["self-speculative exit 1, draft 3"]["acceptance_rate"] <= 1.0
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    quality = report["confidence_quality"]["confidence exit 0.5"]
+    assert 0.0 <= quality["teacher_forced_agreement"] <= 1.0
+    assert json.loads((tmp_path / "early_exit.json").read_text())["benchmark"] == "early_exit"
+    assert "| self-speculative exit 1, draft 3 |" in (tmp_path / "early_exit.md").read_text()
+    assert (tmp_path / "early_exit.png").stat().st_size > 1000
