@@ -60,6 +60,105 @@ def test_output_matches_token_by_token_reference() -> None:
     assert len(set(layer.tokens_per_expert.tolist())) > 1  # the router really routes
 
 
+def loop_reference(layer: MoELayer, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+    """The routing rules written out as Python loops, capacity and modality groups included: all
+    first choices, then all second choices, each in token order, every expert taking tokens
+    until its capacity (an even share of its group's choices) is full."""
+    flat = x.reshape(-1, x.shape[-1])
+    tokens, k = flat.shape[0], layer.top_k
+    logits = (flat @ layer.router.weight.T).float()
+    group = layer._expert_group
+    if modality is not None:
+        logits = logits.masked_fill(group[None, :] != modality[:, None], float("-inf"))
+    weights, chosen = logits.softmax(-1).topk(k)
+    if layer.normalize_top_k:
+        weights = weights / weights.sum(-1, keepdim=True)
+    capacity = [math.inf] * layer.num_experts
+    if layer.capacity_factor is not None:
+        sizes = layer.modality_groups or [layer.num_experts]
+        for e in range(layer.num_experts):
+            g = int(group[e])
+            in_group = tokens if modality is None else int((modality == g).sum())
+            capacity[e] = math.ceil(layer.capacity_factor * in_group * k / sizes[g])
+    taken = [0] * layer.num_experts
+    rows = [torch.zeros_like(flat[0]) for _ in range(tokens)]
+    for j in range(k):
+        for t in range(tokens):
+            e = int(chosen[t, j])
+            if taken[e] < capacity[e]:
+                taken[e] += 1
+                rows[t] = rows[t] + weights[t, j] * layer.experts[e](flat[t : t + 1])[0]
+    return torch.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    ("options", "with_modality"),
+    [
+        (dict(), False),
+        (dict(capacity_factor=0.5), False),
+        (dict(num_experts=6, modality_groups=[2, 4], capacity_factor=1.0), True),
+        (dict(top_k=1, normalize_top_k=False, capacity_factor=0.75), False),
+    ],
+    ids=["top2", "capacity-drops", "modality-capacity", "switch-top1"],
+)
+def test_fast_path_matches_the_loop_reference_forward_and_gradients(options: dict, with_modality: bool) -> None:
+    layer = random_layer(**options)
+    x = torch.randn(3, 8, 8, requires_grad=True)
+    ids = torch.randint(0, 2, (3, 8)) if with_modality else None
+    probe = torch.randn(3, 8, 8)  # a random direction, so every output element matters
+
+    def outputs_and_grads(run) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run()
+        (out * probe).sum().backward()
+        return [out.detach(), x.grad] + [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()
+        ]
+
+    if ids is None:
+        fast = outputs_and_grads(lambda: layer(x))
+    else:
+        with moe_modality(layer, ids):
+            fast = outputs_and_grads(lambda: layer(x))
+    slow = outputs_and_grads(lambda: loop_reference(layer, x, None if ids is None else ids.reshape(-1)))
+    for got, expected in zip(fast, slow, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if "capacity_factor" in options and options["capacity_factor"] < 1:
+        assert int(layer.dropped_tokens) > 0  # the case really drops pairs
+    assert layer.router.weight.grad.abs().sum() > 0  # the routing weights carry gradient to the router
+
+
+def test_one_gather_and_one_scatter_for_all_experts() -> None:
+    """The forward moves the tokens once each way, whatever the number of experts (a gather
+    and a scatter per expert made the backward zero-fill a full gradient per expert)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == 16:  # token rows
+                name = f"rows.{name}"
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return out
+
+    layer = random_layer(hidden_size=16, intermediate_size=32, num_experts=8, capacity_factor=1.0)
+    x = torch.randn(64, 16, requires_grad=True)
+    with CountOps() as forward:
+        out = layer(x)
+    with CountOps() as backward:
+        out.sum().backward()
+    moves = ("index_select", "index_add", "index_add_", "index", "index_put", "gather", "scatter", "scatter_add")
+    assert sum(forward.calls.get(f"rows.{op}", 0) for op in moves) == 2, forward.calls
+    assert sum(backward.calls.get(f"rows.{op}", 0) for op in moves) == 2, backward.calls
+    assert forward.calls["mm"] + forward.calls["rows.mm"] == 8 * 3 + 1  # 3 per expert, 1 for the router
+
+
 def test_only_the_chosen_experts_compute() -> None:
     layer = random_layer(num_experts=8, top_k=1)
     seen = [0] * 8
