@@ -20,6 +20,13 @@ For a weight ``W`` (``m x n``, the global shape) whose rank holds rows ``[a, b)`
 * Tensor-wise factors (APOLLO-Mini) and the norm-growth limiter need global norms: one
   all-reduce of squared sums, batched over all matrices of a param group.
 
+On a 2-D mesh (HSDP: ``("replicate", "shard")``, placements ``(Replicate(), Shard(0))``) the
+rows are split over the ``shard`` dimension only: every collective above runs within a shard
+group (:func:`row_layout` picks that dimension's process group), the state is split within the
+group and replicated across groups, and the replicas, fed the same averaged gradients, stay
+identical without any extra communication. Only the skip-a-step agreement on non-finite
+gradients (:func:`all_ranks_finite`) spans every rank.
+
 Every rank draws the same ``P`` (from the parameter's seed, on the CPU) and takes the rows it
 needs. Uneven shards (FSDP2 gives the last ranks fewer rows, or none) are handled through
 the DTensor's own layout (:func:`row_layout`). The state holds only tensors, and per-shard

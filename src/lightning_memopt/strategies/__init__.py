@@ -1,9 +1,11 @@
-"""Lightning strategies: ``apollo_fsdp`` (FSDP2 + shard-aware APOLLO) and its registration.
+"""Lightning strategies: ``apollo_fsdp`` (FSDP2 + shard-aware APOLLO, HSDP), crash-safe checkpoints, registration.
 
 ``import lightning_memopt`` registers the strategy names in Lightning's ``StrategyRegistry``
 as soon as ``lightning.pytorch`` is imported (at once if it already is), without importing
 Lightning itself. The names: ``apollo_fsdp``, ``apollo_fsdp_cpu_offload``,
-``apollo_fsdp_activation_checkpointing``, ``apollo_fsdp_bf16``.
+``apollo_fsdp_activation_checkpointing``, ``apollo_fsdp_bf16``, ``apollo_hsdp`` (hybrid sharding:
+within a node, replicated across nodes). :class:`AtomicCheckpointIO` makes any strategy's
+single-file checkpoints crash-safe (``apollo_fsdp`` uses it, and writes its folders the same way).
 
 Example:
     >>> import lightning_memopt
@@ -27,6 +29,10 @@ _LAZY = {
     "check_optimizers": "apollo_fsdp",
     "register_strategies": "apollo_fsdp",
     "shard_module": "apollo_fsdp",
+    "SHARDING_STRATEGIES": "apollo_fsdp",
+    "AtomicCheckpointIO": "atomic",
+    "atomic_replace": "atomic",
+    "atomic_write": "atomic",
     "consolidate_checkpoint": "checkpoints",
     "load_distributed_checkpoint": "checkpoints",
 }
