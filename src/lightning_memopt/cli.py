@@ -17,15 +17,22 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
+import json
+import logging
+import os
+import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelSummary as ModelSummaryBase
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -50,6 +57,8 @@ _SHORT_NAME_PROVIDERS = (
             "UpcycleToMoE",
             "EarlyExit",
             "Int8Weights",
+            "CheckpointOnStop",
+            "StepProgressBar",
         ),
     ),
     ("lightning_memopt.strategies", ("ApolloFSDPStrategy",)),
@@ -96,8 +105,17 @@ QUICKSTART_TRAINER: dict[str, Any] = {
     },
 }
 QUICKSTART_CALLBACKS: list[dict[str, Any]] = [
-    {"class_path": MEMORY_PROFILER, "init_args": {"interval": 50, "report_path": "memopt_reports/memory_report.json"}}
+    {"class_path": MEMORY_PROFILER, "init_args": {"interval": 50, "report_path": "memory_report.json"}}
 ]
+# Where an option naming a class switches it: jsonargparse keeps the old class's init_args that
+# the new class also takes (APOLLO-Mini's rank 1 would stay with APOLLO); see reset_on_class_switch.
+CLASS_SWITCH_KEYS = (
+    "model.init_args.optimizer",
+    "model.init_args.lr_scheduler",
+    "model.optimizer",
+    "model.lr_scheduler",
+)
+PROG = "lightning-memopt"
 
 
 class ConfigError(ValueError):
@@ -108,6 +126,110 @@ class ConfigError(ValueError):
         >>> str(ConfigError("optimizer: use model.init_args.optimizer"))
         'optimizer: use model.init_args.optimizer'
     """
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(self.starts)
+
+
+def quiet_known_noise() -> None:
+    """Silence the start-up lines a user of the command cannot act on, each at its source;
+    every other warning stays visible.
+
+    - Lightning's "Tip: litlogger / litmodels" advertisements (its rank-zero logger).
+    - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": on CPUs
+      with AVX512-BF16 it tries to fetch an optional 4-bit kernel from the Hugging Face hub at
+      import; offline it falls back to its own CPU kernel, which is what runs anyway.
+    - torch 2.13's deprecation of ``LeafSpec``, which Lightning 2.6 constructs for every
+      dataloader (in ``CombinedLoader``); nothing in a user's code causes it.
+    - ModelCheckpoint's "The dirpath has changed" on a resume (see the comment below).
+
+    Example:
+        >>> quiet_known_noise()
+    """
+    tips = _DropMessages("\N{ELECTRIC LIGHT BULB} Tip:", "Tip:")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(tips)
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessages) for f in bnb.filters):
+        bnb.addFilter(_DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # On resume and predict: every run has a folder of its own, so the ModelCheckpoint's
+    # folder always "changes"; what it then skips (its top-k bookkeeping) does not matter here.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+
+
+def _class_from_name(value: str) -> type | None:
+    short = {cls.__name__: cls for cls in DEFAULT_CLASSES}
+    if value in short:
+        return short[value]
+    module_name, _, name = value.rpartition(".")
+    if not module_name:
+        return None
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if inspect.isclass(found) else None
+
+
+def _default_init_args(cls: type) -> dict[str, Any]:
+    """The constructor defaults of ``cls`` that a config can hold (JSON values)."""
+    defaults: dict[str, Any] = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name in ("self", "params", "optimizer") or parameter.default is inspect.Parameter.empty:
+            continue
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        defaults[name] = value
+    return defaults
+
+
+def reset_on_class_switch(args: list[str]) -> list[str]:
+    """Make ``--model.init_args.optimizer=APOLLO`` (and the LR scheduler's) give the new
+    class's defaults.
+
+    jsonargparse keeps, on a class change, every init arg of the previous class that the new
+    one also accepts: on the quickstart, APOLLO would silently keep APOLLO-Mini's ``rank: 1,
+    scale_type: tensor, scale: 128``. Each such option naming a class is rewritten to the class
+    with all its constructor defaults spelled out, so nothing carries over; options after it
+    (``--model.init_args.optimizer.init_args.rank=64``) still apply. Registry names
+    (``apollo``) and anything else pass through unchanged.
+
+    Example:
+        >>> out = reset_on_class_switch(["--model.init_args.optimizer=APOLLO", "--trainer.max_steps=5"])
+        >>> json.loads(out[0].split("=", 1)[1])["init_args"]["rank"], out[1]
+        (256, '--trainer.max_steps=5')
+    """
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        key, value = [*arg.split("=", 1), None][:2] if arg.startswith("--") else (arg, None)
+        take_next = value is None and key.lstrip("-") in CLASS_SWITCH_KEYS and index + 1 < len(args)
+        if take_next:
+            value = args[index + 1]
+        cls = _class_from_name(value) if key.lstrip("-") in CLASS_SWITCH_KEYS and value else None
+        if cls is None:
+            out.append(arg)
+            index += 1
+            continue
+        spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _default_init_args(cls)}
+        out.append(f"{key}={json.dumps(spec)}")
+        index += 2 if take_next else 1
+    return out
 
 
 def import_short_names() -> list[str]:
@@ -243,20 +365,33 @@ class MemoptCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Lightning 2.6 asks torch's pytree in a way torch 2.13 deprecates, once per run: noise
-        # in the middle of the progress output that the user can do nothing about.
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        quiet_known_noise()
         self.missing_classes = import_short_names()
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 1234)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # Each run writes its own folder (lightning_logs/version_N); refuse to overwrite a
+        # config.yaml that is there, i.e. a fixed logger version used twice.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "lightning-memopt: memory-efficient training with Lightning.")
+        parser_kwargs.setdefault("prog", PROG)
         self._fit_started: float | None = None
+        self.exit_code = 0
         model_class = kwargs.pop("model_class", LightningModule)
         datamodule_class = kwargs.pop("datamodule_class", LightningDataModule)
         super().__init__(model_class, datamodule_class, *args, **kwargs)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # LightningCLI's automatic optimizer / lr_scheduler keys: still parsed (to be refused with
+        # the fix, see check_automatic_optimizer), no longer offered in --help.
+        for parser in [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+            for action in parser._actions:
+                if action.dest.split(".")[0] in ("optimizer", "lr_scheduler"):
+                    action.help = argparse.SUPPRESS
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         defaults: dict[str, Any] = {"model": QUICKSTART_MODEL, "data": QUICKSTART_DATA}
@@ -272,12 +407,146 @@ class MemoptCLI(LightningCLI):
         if "MemoryProfiler" in self.missing_classes and self.subcommand == "fit":
             rank_zero_info("lightning-memopt: MemoryProfiler is not available in this install; no memory report.")
 
+    def instantiate_classes(self) -> None:
+        # A value a class refuses (rank=-3, an unknown optimizer name) is a configuration error:
+        # one line naming the field, before any log folder exists, not a traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err).strip()) from err
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+        from lightning_memopt.callbacks import CheckpointOnStop, StepProgressBar
+
+        given = [*(config.get("callbacks") or []), *callbacks]
+        ours: list[Any] = []
+        if self.subcommand in (None, "fit") and not any(isinstance(c, CheckpointOnStop) for c in given):
+            ours.append(CheckpointOnStop())
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            ours.append(StepProgressBar())
+        if config.get("enable_model_summary", True) is not False and not any(
+            isinstance(c, ModelSummary) for c in given
+        ):
+            ours.append(CompactModelSummary())
+            config["enable_model_summary"] = False  # else Lightning says it skips its own default
+        return super()._instantiate_trainer(config, [*callbacks, *ours])
+
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
+        stop = _callback(self.trainer, "CheckpointOnStop")
         if self.trainer.is_global_zero:
             print_summary(self.trainer, self.model, self.datamodule, time.perf_counter() - (self._fit_started or 0.0))
+        signame = getattr(stop, "stop_signal", None)
+        if signame in ("SIGINT", "SIGTERM"):
+            # The shell and schedulers read an interrupted run from the exit status (130 / 143).
+            self.exit_code = 128 + int(getattr(signal, signame))
+
+    def _warn_without_checkpoint(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") or not self.trainer.is_global_zero:
+            return
+        model_name = getattr(self.model, "model_name", None)
+        if isinstance(model_name, str) and Path(model_name).expanduser().is_dir():
+            return  # pretrained weights from a local checkpoint folder
+        latest = _latest_checkpoint()
+        hint = f" The newest here: --ckpt_path {latest}" if latest else ""
+        print(
+            f"{PROG}: warning: {self.subcommand} without --ckpt_path runs a freshly initialised model "
+            f"(random weights), so its numbers and text mean nothing. Give the checkpoint of a run.{hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def before_validate(self) -> None:
+        self._warn_without_checkpoint()
+
+    def before_test(self) -> None:
+        self._warn_without_checkpoint()
+
+    def before_predict(self) -> None:
+        self._warn_without_checkpoint()
+
+    def after_predict(self) -> None:
+        if self.trainer.is_global_zero:
+            write_predictions(self.trainer)
+
+
+class CompactModelSummary(ModelSummaryBase):
+    """Lightning's model summary in two lines: module, parameters, size, (FLOPs when known).
+
+    Lightning's table prints "FLOPs 0" / "Total FLOPs: 0" for a model without an
+    ``example_input_array`` (ours: the input length is the data's), and eleven lines for one
+    module; the end-of-fit summary says the rest.
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[CompactModelSummary()], accelerator="cpu")
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+        columns = dict(summary_data)
+        modules = ", ".join(f"{n} ({t})" for n, t in zip(columns.get("Name", []), columns.get("Type", [])))
+        text = (
+            f"{modules}: {get_human_readable_count(total_parameters)} params "
+            f"({get_human_readable_count(trainable_parameters)} trainable), {model_size:.1f} MB"
+        )
+        if total_flops:
+            text += f", {get_human_readable_count(total_flops)} FLOPs"
+        rank_zero_info(text)
+
+
+def _callback(trainer: Any, name: str) -> Any:
+    return next((c for c in trainer.callbacks if type(c).__name__ == name), None)
+
+
+def _latest_checkpoint(root: str | os.PathLike[str] = "lightning_logs") -> Path | None:
+    found = list(Path(root).glob("**/checkpoints/*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def write_predictions(trainer: Any, shown: int = 3) -> Path | None:
+    """Write ``predict``'s outputs to ``predictions.jsonl`` in the run's log directory (the
+    working directory without a logger), one JSON object per prompt, and print the first few.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> write_predictions(Trainer(logger=False))  # doctest: +SKIP
+    """
+    batches = trainer.predict_loop.predictions or []
+    if batches and isinstance(batches[0], list):  # several dataloaders
+        batches = [row for loader in batches for row in loader]
+    rows = [row for row in batches if isinstance(row, dict)]
+    if not rows:
+        return None
+    folder = Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "predictions.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for row in rows[:shown]:
+        text = " ".join(str(row.get("text") or "").split())
+        line = f"> {row.get('prompt')}  ->  {text}"
+        print(line if len(line) <= 400 else line[:397] + "...")
+        if "mean_blocks" in row:
+            print(f"  early exits: {row['mean_blocks']} blocks per token on average; exits {row['exits'][:16]}")
+    print(f"{PROG}: {len(rows)} predictions in {path}")
+    return path
 
 
 def _memory_report(trainer: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -308,7 +577,15 @@ def summary_lines(trainer: Any, model: Any, datamodule: Any, seconds: float) -> 
     rows: list[tuple[str, str]] = []
     tokens_per_s = getattr(model, "tokens_per_second", 0.0)
     speed = f" · {tokens_per_s:,.0f} tokens/s (all devices)" if tokens_per_s else ""
-    rows.append(("steps", f"{trainer.global_step} optimizer steps in {_duration(seconds)}{speed}"))
+    stop = _callback(trainer, "CheckpointOnStop")
+    start_step = getattr(stop, "start_step", 0) or 0
+    steps = f"{trainer.global_step - start_step} optimizer steps in {_duration(seconds)}{speed}"
+    if start_step:
+        steps += f" · resumed from step {start_step}, now at {trainer.global_step}"
+    rows.append(("steps", steps))
+    signame = getattr(stop, "stop_signal", None)
+    if signame:
+        rows.append(("stopped", f"by {signame} after step {trainer.global_step}"))
     loss = []
     if "train/loss" in metrics:
         loss.append(f"train {metrics['train/loss']:.3f}")
@@ -350,20 +627,35 @@ def summary_lines(trainer: Any, model: Any, datamodule: Any, seconds: float) -> 
         if ratio is not None:
             text += f" · saves {100 * ratio:.1f}%"
         rows.append(("memory", text + " per device (table above)"))
-        if report_path is not None:
-            rows.append(("report", f"{report_path} (+ {report_path.with_suffix('.png').name})"))
+        if report_path is not None and Path(report_path).exists():
+            rows.append(("report", f"{report_path} (+ {Path(report_path).with_suffix('.png').name})"))
     elif report is None:
         rows.append(("memory", "no MemoryProfiler in this run (add --config callbacks/memory_profiler.yaml)"))
     logger = trainer.logger
     if logger is not None and getattr(logger, "log_dir", None):
         root = getattr(logger, "root_dir", None) or logger.save_dir
         rows.append(("logs", f"{logger.log_dir}  (tensorboard --logdir {root})"))
-    checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(
-        trainer.checkpoint_callback, "last_model_path", ""
-    )
+    checkpoint = _newest_checkpoint(trainer, stop)
     if checkpoint:
         rows.append(("checkpoint", checkpoint))
+        config = (
+            Path(logger.log_dir) / "config.yaml" if logger is not None and getattr(logger, "log_dir", None) else None
+        )
+        again = f"--config {config} " if config is not None and config.exists() else ""
+        rows.append(("resume", f"{PROG} fit {again}--ckpt_path {checkpoint}"))
     return rows
+
+
+def _newest_checkpoint(trainer: Any, stop: Any) -> str:
+    """The checkpoint of the latest step this fit saved (ModelCheckpoint's or CheckpointOnStop's)."""
+    candidates: list[tuple[int, str]] = []
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if path:
+            candidates.append((getattr(callback, "_last_global_step_saved", -1), path))
+    if getattr(stop, "checkpoint_path", None):
+        candidates.append((stop.checkpoint_step, stop.checkpoint_path))
+    return max(candidates)[1] if candidates else ""
 
 
 def print_summary(trainer: Any, model: Any, datamodule: Any, seconds: float) -> None:
@@ -386,19 +678,82 @@ def print_summary(trainer: Any, model: Any, datamodule: Any, seconds: float) -> 
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> MemoptCLI:
-    """Build (and with ``run=True`` run) the CLI; a :class:`ConfigError` becomes the usual
-    ``error:`` line and exit status 2, as jsonargparse does for a bad YAML.
+    """Build (and with ``run=True`` run) the CLI; a :class:`ConfigError` (a value a class
+    refuses included) becomes one ``error:`` line and exit status 2, as jsonargparse does for a
+    bad YAML, before any log folder is created.
 
     Example:
         >>> cli = run_cli(["fit", "--trainer.max_steps=2"])  # doctest: +SKIP
         >>> cli.trainer.global_step  # doctest: +SKIP
         2
     """
+    if args is None:
+        # From the command line: rewritten in place, as LightningCLI warns when it is given
+        # both `args` and a command line.
+        sys.argv[1:] = reset_on_class_switch(sys.argv[1:])
+    else:
+        args = reset_on_class_switch(list(args))
     try:
         return MemoptCLI(args=args, run=run)
     except ConfigError as err:
-        print(f"lightning-memopt: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+SHORT_HELP = """\
+usage: lightning-memopt {sub} [--config FILE ...] [--ckpt_path CKPT] [--OPTION=VALUE ...]
+
+{what}
+
+Options used most (every field of the config can be set the same way):
+  --config FILE          an experiment (configs/*.yaml) or a callback fragment
+                         (callbacks/*.yaml); repeat it to compose
+  --ckpt_path CKPT       {ckpt}
+  --print_config         print the whole configuration (after all options) and exit
+  --trainer.max_steps=N  optimizer steps (quickstart: 300)
+  --trainer.accelerator=gpu --trainer.devices=N --trainer.precision=bf16-mixed
+  --model.init_args.model_name=NAME
+                         tiny, 60m, 130m, 350m, 1b, 7b, or a local HF model folder
+  --model.init_args.optimizer=NAME
+                         apollo, apollo_mini, adamw, adamw8bit (the registry's
+                         defaults), or a class with its own defaults: APOLLO,
+                         APOLLOMini, torch.optim.AdamW
+  --model.init_args.optimizer.init_args.rank=N   (lr, scale, update_proj_gap...)
+  --data.init_args.sources=PATH                  your own text (file, folder, dataset)
+  --data.init_args.seq_len=N --data.init_args.batch_size=N
+{extra}
+All options of one class:   --model.help CausalLM     --data.help TextDataModule
+                            --model.init_args.optimizer.help APOLLO
+All options of {sub} (Lightning's Trainer's included, ~560 lines):
+                            lightning-memopt {sub} --help-all
+"""
+_WHAT = {
+    "fit": "Train. With no option: the quickstart (a tiny LLaMA pre-trained with APOLLO-Mini on\n"
+    "the CPython docs and standard library, memory report and summary at the end).",
+    "validate": "Validation loss of a trained model (give its --ckpt_path).",
+    "test": "Test loss of a trained model (give its --ckpt_path).",
+    "predict": "Generate text from prompts with a trained model (give its --ckpt_path); writes\n"
+    "predictions.jsonl into the run's log folder.",
+}
+_PREDICT_EXTRA = """\
+  --data.init_args.prompts=FILE  one prompt per line (or a JSON list of prompts);
+                         default: held-out lines of the corpus
+  --model.init_args.max_new_tokens=N --model.init_args.temperature=T (0: greedy)
+  --model.init_args.top_k=K --model.init_args.exit_threshold=P (early exits)
+"""
+
+
+def short_help(subcommand: str) -> str:
+    """The help ``lightning-memopt <subcommand> --help`` prints: our options first, in 80
+    columns (``--help-all`` prints jsonargparse's full list).
+
+    Example:
+        >>> "--model.help CausalLM" in short_help("fit")
+        True
+    """
+    ckpt = "resume training from a checkpoint" if subcommand == "fit" else "the trained model's checkpoint"
+    extra = _PREDICT_EXTRA if subcommand == "predict" else ""
+    return SHORT_HELP.format(sub=subcommand, what=_WHAT[subcommand], ckpt=ckpt, extra=extra)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -407,7 +762,27 @@ def main(args: list[str] | None = None) -> None:
     Example:
         >>> main(["fit", "--config", "configs/apollo.yaml"])  # doctest: +SKIP
     """
-    run_cli(args)
+    from_command_line = args is None
+    args = list(sys.argv[1:] if args is None else args)
+    # Subcommands of our own (e.g. `estimate`) are dispatched here, before the LightningCLI.
+    if args and args[0] == "estimate":
+        from lightning_memopt import planner_cli
+
+        code = planner_cli.main(args[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    if args and args[0] in ("-h", "--help"):
+        print("estimate: memory per device of a run before it runs (lightning-memopt estimate --help)\n")
+    if len(args) >= 2 and args[0] in _WHAT and args[1] in ("-h", "--help"):
+        print(short_help(args[0]), end="")
+        return
+    args = ["--help" if arg == "--help-all" else arg for arg in args]
+    if from_command_line:
+        sys.argv[1:] = args
+    cli = run_cli(None if from_command_line else args)
+    if cli.exit_code:
+        raise SystemExit(cli.exit_code)
 
 
 if __name__ == "__main__":
