@@ -207,3 +207,28 @@ def test_qlora_minilm_trainer_save_and_exact_resume(
     trainable = [(n, p) for n, p in full.model.named_parameters() if p.requires_grad]
     other = dict(resumed.model.named_parameters())
     assert max((p - other[n]).abs().max().item() for n, p in trainable) < 1e-6
+
+
+# --------------------------------------------------------------------------- refusals
+def test_int8_or_chunked_loss_with_fsdp_is_refused_before_training(tmp_path: Path) -> None:
+    """A one-process CPU Trainer refuses fsdp itself, so the two places that refuse are driven
+    directly: Trainer creation (LayerMetricsCallback.on_init_end) and our optimizer's build
+    (what create_optimizer calls), both before any training step."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lightning_memopt.hf import build_optimizer, check_trainer_setup
+    from lightning_memopt.quant import dequantize_linear_weights
+
+    fsdp = TrainingArguments(str(tmp_path), fsdp=True, fsdp_config={"version": 2}, report_to=[])
+    model = int8_llama()
+    with pytest.raises(ValueError, match=r"INT8 weights \(quantize_linear_weights\) cannot be trained with FSDP"):
+        LayerMetricsCallback().on_init_end(fsdp, TrainerState(), TrainerControl(), model=model)
+    with pytest.raises(ValueError, match="dequantize_linear_weights"):
+        build_optimizer("apollo_mini", model, args=fsdp)
+    dequantize_linear_weights(model)  # a float model again: allowed
+    check_trainer_setup(model, fsdp)
+
+    chunked = use_chunked_loss(tiny_llama())
+    with pytest.raises(ValueError, match="use_chunked_loss cannot be used with FSDP"):
+        build_optimizer("apollo", chunked, args=fsdp)
+    check_trainer_setup(chunked, TrainingArguments(str(tmp_path), report_to=[]))  # no sharding: fine

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .checks import check_trainer_setup
 from .layerwise import SyncGradients, TrainerLayerwiseOptimizer
 from .optimizers import (
     HF_OPTIMIZER_NAMES,
@@ -55,6 +56,7 @@ __all__ = [
     "TrainerLayerwiseOptimizer",
     "TransformersInternalsChanged",
     "build_optimizer",
+    "check_trainer_setup",
     "decay_parameter_names",
     "int8_metrics",
     "is_registered",

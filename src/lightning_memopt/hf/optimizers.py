@@ -247,6 +247,9 @@ def optimizer_cls_and_kwargs(
         raise ValueError(f"optimizer {name!r} has no low-rank update; target_modules does not apply to it.")
     resolved: dict[str, Any] = dict(spec.defaults)
     if args is not None:
+        from .checks import check_trainer_setup
+
+        check_trainer_setup(model, args)  # INT8 / chunked loss with FSDP: refused before training
         resolved.update(training_arguments_options(args))
         if target_modules is None and spec.low_rank:
             target_modules = getattr(args, "optim_target_modules", None)

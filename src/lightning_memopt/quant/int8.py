@@ -644,6 +644,11 @@ def dequantize_linear_weights(model: nn.Module) -> list[str]:
         if is_int8_weight(param):
             _replace_parameter(model, param, nn.Parameter(param.dequantize(), requires_grad=param.requires_grad))
             converted.append(name)
+    if not any(is_int8_weight(p) for p in model.parameters()):
+        # No INT8 weight left: the model is a float model again (e.g. FSDP may shard it). The
+        # load hooks stay; they only act on a state dict that holds the flat INT8 form.
+        for module in model.modules():
+            module.__dict__.pop(_HOOKED, None)
     return converted
 
 
