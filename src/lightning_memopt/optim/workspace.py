@@ -60,8 +60,24 @@ class Workspace:
         self, name: str, shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
     ) -> list[torch.Tensor]:
         """Contiguous, non-overlapping tensors of ``shapes``, carved from the buffer ``name``,
-        each starting on a 64-byte boundary."""
+        each starting on a 64-byte boundary.
+
+        Each view holds exactly its shape's elements. A caller must write into it only results
+        of that shape: an ``out=`` of another shape would be resized *inside* the buffer, over
+        the neighbouring views (or past the buffer's end, by an in-place kernel that does not
+        check). APOLLO checks each shape against its parameter before asking for a view.
+
+        Raises:
+            ValueError: for a shape with a negative or non-integer size.
+        """
         shapes = tuple(tuple(shape) for shape in shapes)
+        key = (name, device, dtype)
+        cached = self._views.get(key) if device.type == "cpu" else None
+        if cached is not None and cached[0] == shapes:  # checked when first handed out
+            return list(cached[1])
+        for shape in shapes:
+            if not all(isinstance(size, int) and size >= 0 for size in shape):
+                raise ValueError(f"Workspace.take({name!r}): invalid shape {shape}; sizes must be integers >= 0.")
         sizes = [math.prod(shape) for shape in shapes]
         align = max(1, _ALIGNMENT_BYTES // dtype.itemsize)
         offsets, total = [], 0
@@ -71,17 +87,13 @@ class Workspace:
         if device.type != "cpu":
             flat = torch.empty(total, dtype=dtype, device=device)
         else:
-            key = (name, device, dtype)
-            cached = self._views.get(key)
-            if cached is not None and cached[0] == shapes:
-                return list(cached[1])
             flat = self._buffers.get(key)
             if flat is None or flat.numel() < total:
                 flat = torch.empty(total, dtype=dtype, device=device)
                 self._buffers[key] = flat
         views = [flat[offset : offset + size].view(shape) for shape, size, offset in zip(shapes, sizes, offsets)]
         if device.type == "cpu":
-            self._views[(name, device, dtype)] = (shapes, views)
+            self._views[key] = (shapes, views)
         return list(views)
 
     def nbytes(self) -> int:
