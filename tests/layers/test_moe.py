@@ -355,3 +355,32 @@ def test_capacity_is_an_even_share_within_the_modality_group() -> None:
         layer(torch.randn(8, 8))
     # top_k=2 of 2 experts: each takes all 8 tokens, exactly its share ceil(1.0 * 8 * 2 / 2) within the group.
     assert layer.tokens_per_expert.tolist() == [8, 8, 0, 0] and int(layer.dropped_tokens) == 0
+
+
+def test_apollo_projects_each_expert_matrix_and_the_estimate_counts_it() -> None:
+    """Experts are per-expert ``nn.Linear`` matrices: APOLLO keeps a rank-r state per expert
+    matrix (never one for a stack of them), and the memory estimate equals a real step."""
+    from lightning_memopt.memory import breakdown, estimate
+    from lightning_memopt.optim import create_optimizer
+
+    model = tiny_llama(hidden_size=32, intermediate_size=64).train()
+    upcycle_to_moe(model, num_experts=4, top_k=2)
+    with torch.device("meta"):
+        meta_model = tiny_llama(hidden_size=32, intermediate_size=64)
+        upcycle_to_moe(meta_model, num_experts=4, top_k=2)
+    optimizer = create_optimizer("apollo", model, "rank=4", lr=1e-3)
+    ids = torch.randint(0, 257, (2, 12))
+    (model(input_ids=ids, labels=ids).loss + 0.01 * moe_aux_loss(model)).backward()
+    optimizer.step()
+    for _, layer in moe_layers(model):
+        for expert in layer.experts:
+            for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                state = optimizer.state[linear.weight]
+                moment = state["exp_avg"]  # r x n (or n x r): the paper's 2nr per matrix, r = 4
+                assert sorted(moment.shape) == [4, max(linear.weight.shape)], moment.shape
+        assert optimizer.state[layer.router.weight]["exp_avg"].shape == layer.router.weight.shape  # full rank
+    real, est = breakdown(model, optimizer), estimate(meta_model, "apollo", "rank=4")
+    assert est.optimizer_state_bytes == real.optimizer_state_bytes
+    assert (est.params_bytes, est.grads_bytes) == (real.params_bytes, real.grads_bytes)
+    experts = [p for p in est.parameters if ".experts." in p.name]
+    assert len(experts) == 2 * 4 * 3 and all(p.update == "low_rank" for p in experts)

@@ -251,7 +251,12 @@ class MoELayer(nn.Module):
             self.experts = nn.ModuleList(GatedMLP(hidden_size, intermediate_size) for _ in range(num_experts))
         groups = self.modality_groups or [num_experts]
         # Which group each expert belongs to (a plain tensor, not state: it follows from the config).
-        self._expert_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(groups))
+        # Built on the CPU even under `with torch.device("meta")` (a meta model for the memory
+        # estimate); forward moves it to the input's device.
+        cpu = torch.device("cpu")
+        self._expert_group = torch.repeat_interleave(
+            torch.arange(len(groups), device=cpu), torch.tensor(groups, device=cpu)
+        )
         self.modality_ids: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
