@@ -1,10 +1,12 @@
 """One rank of the 2-node HSDP run that test_apollo_hsdp.py launches with ``torchrun --nnodes=2``.
 
-``torchrun ... _hsdp_launch.py ROOT``: trains ``TinyModel`` for 2 epochs with
-``strategy="apollo_hsdp"``, ``num_nodes=2, devices=2`` (Lightning reads torchrun's environment),
+``torchrun ... _hsdp_launch.py ROOT ENVIRONMENT`` (or 4 processes with SLURM's variables):
+trains ``TinyModel`` for 2 epochs with ``strategy="apollo_hsdp"``, ``num_nodes=2, devices=2``
+(Lightning reads the launcher's environment),
 checks the weights against one device, and has rank 0 write ``ROOT/summary.pt`` (the mesh
 and the per-node memory totals from the ``MemoryProfiler`` report it gathered from every
-rank). Each rank writes ``ROOT/rank<global rank>``.
+rank). Each rank writes ``ROOT/rank<global rank>``. ``ENVIRONMENT`` is the Lightning cluster
+environment the run must detect (``TorchElasticEnvironment``, ``SLURMEnvironment``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import lightning_memopt  # noqa: F401  (registers apollo_hsdp)
 from lightning_memopt.callbacks import MemoryProfiler
 
 
-def main(root: Path) -> None:
+def main(root: Path, environment: str) -> None:
     torch.set_num_threads(1)
     report_path = root / "memory.json"
     trainer = pl.Trainer(
@@ -38,6 +40,8 @@ def main(root: Path) -> None:
         use_distributed_sampler=False,
         callbacks=[MemoryProfiler(interval=1, report_path=report_path, plot=False, table=False)],
     )
+    detected = type(trainer.strategy.cluster_environment).__name__
+    assert detected == environment, f"Lightning detected {detected}, expected {environment}"
     model = TinyModel()
     trainer.fit(model)
     assert_same_weights(model, reference(2), "apollo_hsdp on 2 nodes x 2 processes")
@@ -56,4 +60,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

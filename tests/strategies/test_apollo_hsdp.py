@@ -168,6 +168,7 @@ def test_multi_node_launch(tmp_path) -> None:
                 "--max-restarts=0",
                 str(LAUNCH_SCRIPT),
                 str(tmp_path),
+                "TorchElasticEnvironment",
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -186,11 +187,56 @@ def test_multi_node_launch(tmp_path) -> None:
                 launcher.kill()
     for launcher, output in zip(launchers, outputs):
         assert launcher.returncode == 0, output[-4000:]
-    ranks = sorted(p.name for p in tmp_path.glob("rank*"))
+    _check_two_node_run(tmp_path)
+
+
+def _check_two_node_run(root: Path) -> None:
+    ranks = sorted(p.name for p in root.glob("rank*"))
     assert ranks == ["rank0", "rank1", "rank2", "rank3"]
-    assert (tmp_path / "rank2").read_text() == "node 1 local 0"
-    summary = torch.load(tmp_path / "summary.pt", weights_only=True)
+    assert (root / "rank2").read_text() == "node 1 local 0"
+    summary = torch.load(root / "summary.pt", weights_only=True)
     assert summary["mesh"] == [2, 2] and summary["num_nodes"] == 2 and summary["world_size"] == 4
     # Each node holds one full replica of the optimizer state (its two ranks hold half each).
     per_node = summary["optimizer_state_bytes_per_node"]
     assert set(per_node) == {0, 1} and per_node[0] == per_node[1] > 0
+
+
+@pytest.mark.slow
+def test_slurm_environment_launch(tmp_path) -> None:
+    """The 4 tasks of a 2-node SLURM job (``srun`` in examples/slurm_hsdp.sh), emulated with SLURM's
+    variables on this machine: Lightning's SLURMEnvironment takes ranks and nodes from them."""
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC", "WORLD_SIZE"))}
+    base["PYTHONPATH"] = str(LAUNCH_SCRIPT.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    base.update(
+        SLURM_NTASKS="4",
+        SLURM_NNODES="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_JOB_NAME="hsdp-test",
+        SLURM_JOB_ID="4242",
+        SLURM_NODELIST="127.0.0.1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(LAUNCH_SCRIPT), str(tmp_path), "SLURMEnvironment"],
+            env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2), "SLURM_NODEID": str(r // 2)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(4)
+    ]
+    outputs = []
+    try:
+        for task in tasks:
+            outputs.append(task.communicate(timeout=600)[0])
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+    for task, output in zip(tasks, outputs):
+        assert task.returncode == 0, output[-4000:]
+    _check_two_node_run(tmp_path)
