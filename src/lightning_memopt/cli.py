@@ -701,7 +701,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MemoptCLI:
 
 
 SHORT_HELP = """\
-usage: lightning-memopt {sub} [--config FILE ...] [--ckpt_path CKPT] [--OPTION=VALUE ...]
+usage: lightning-memopt {sub} [--config FILE] [--ckpt_path CKPT] [--KEY=V]
 
 {what}
 
@@ -709,34 +709,37 @@ Options used most (every field of the config can be set the same way):
   --config FILE          an experiment (configs/*.yaml) or a callback fragment
                          (callbacks/*.yaml); repeat it to compose
   --ckpt_path CKPT       {ckpt}
-  --print_config         print the whole configuration (after all options) and exit
-  --trainer.max_steps=N  optimizer steps (quickstart: 300)
+  --print_config         print the whole configuration and exit
   --trainer.accelerator=gpu --trainer.devices=N --trainer.precision=bf16-mixed
   --model.init_args.model_name=NAME
-                         tiny, 60m, 130m, 350m, 1b, 7b, or a local HF model folder
-  --model.init_args.optimizer=NAME
-                         apollo, apollo_mini, adamw, adamw8bit (the registry's
-                         defaults), or a class with its own defaults: APOLLO,
-                         APOLLOMini, torch.optim.AdamW
-  --model.init_args.optimizer.init_args.rank=N   (lr, scale, update_proj_gap...)
-  --data.init_args.sources=PATH                  your own text (file, folder, dataset)
+                         tiny, 60m, 130m, 350m, 1b, 7b, or a local HF folder
+  --data.init_args.sources=PATH   your own text (a file, folder or dataset)
   --data.init_args.seq_len=N --data.init_args.batch_size=N
 {extra}
 All options of one class:   --model.help CausalLM     --data.help TextDataModule
                             --model.init_args.optimizer.help APOLLO
-All options of {sub} (Lightning's Trainer's included, ~560 lines):
+All options of {sub} (Lightning's Trainer's included, ~500 lines):
                             lightning-memopt {sub} --help-all
 """
 _WHAT = {
-    "fit": "Train. With no option: the quickstart (a tiny LLaMA pre-trained with APOLLO-Mini on\n"
-    "the CPython docs and standard library, memory report and summary at the end).",
+    "fit": "Train. With no option: the quickstart (a tiny LLaMA pre-trained with APOLLO-Mini\n"
+    "on the CPython docs and standard library; memory report and summary at the end).",
     "validate": "Validation loss of a trained model (give its --ckpt_path).",
     "test": "Test loss of a trained model (give its --ckpt_path).",
     "predict": "Generate text from prompts with a trained model (give its --ckpt_path); writes\n"
     "predictions.jsonl into the run's log folder.",
 }
+_FIT_EXTRA = """\
+  --trainer.max_steps=N  optimizer steps (quickstart: 300)
+  --model.init_args.optimizer=NAME
+                         apollo, apollo_mini, adamw, adamw8bit (the registry's
+                         defaults), or a class with its own defaults: APOLLO,
+                         APOLLOMini, torch.optim.AdamW
+  --model.init_args.optimizer.init_args.rank=N   (lr, scale, update_proj_gap)
+"""
 _PREDICT_EXTRA = """\
-  --data.init_args.prompts=FILE  one prompt per line (or a JSON list of prompts);
+  --data.init_args.prompts=FILE
+                         one prompt per line (or a JSON list of prompts);
                          default: held-out lines of the corpus
   --model.init_args.max_new_tokens=N --model.init_args.temperature=T (0: greedy)
   --model.init_args.top_k=K --model.init_args.exit_threshold=P (early exits)
@@ -752,7 +755,7 @@ def short_help(subcommand: str) -> str:
         True
     """
     ckpt = "resume training from a checkpoint" if subcommand == "fit" else "the trained model's checkpoint"
-    extra = _PREDICT_EXTRA if subcommand == "predict" else ""
+    extra = {"fit": _FIT_EXTRA, "predict": _PREDICT_EXTRA}.get(subcommand, "")
     return SHORT_HELP.format(sub=subcommand, what=_WHAT[subcommand], ckpt=ckpt, extra=extra)
 
 

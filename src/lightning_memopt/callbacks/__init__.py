@@ -11,6 +11,7 @@ from .early_exit import EarlyExit
 from .layerwise import LayerwiseUpdates
 from .memory_profiler import MemoryProfiler
 from .moe import UpcycleToMoE
+from .progress import StepProgressBar
 from .quantization import Int8Weights
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "Int8Weights",
     "LayerwiseUpdates",
     "MemoryProfiler",
+    "StepProgressBar",
     "UpcycleToMoE",
 ]

@@ -149,7 +149,7 @@ class CheckpointOnStop(Callback):
         else:
             path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "epoch={epoch}-step={step}.ckpt"
             path = Path(str(path).format(**metrics))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full, resumable checkpoint
         self.checkpoint_path, self.checkpoint_step = str(path), trainer.global_step
 
 
