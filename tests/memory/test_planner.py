@@ -262,13 +262,15 @@ def test_bad_settings_name_the_fix(kwargs: dict, message: str) -> None:
 def _sharded_check(rank: int, world_size: int, optimizer: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-
-    from lightning_memopt.strategies.apollo_fsdp import shard_module
+    from torch.distributed.fsdp import fully_shard
 
     settings = PlanSettings(optimizer, precision="32-true", devices=world_size, batch_size=BATCH, seq_len=SEQ)
     torch.manual_seed(0)
     model = build_llama("tiny", **SHAPE)
-    shard_module(model, init_device_mesh("cpu", (world_size,)))
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in find_transformer_blocks(model):  # as apollo_fsdp shards: per block, then the root
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = create_optimizer(optimizer, model, None, lr=1e-3)
     ids = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(rank))
     own_loss(model, ids).backward()

@@ -17,7 +17,8 @@ length, precision, INT8 weights, layer-wise updates, activation checkpointing, c
   every tensor autograd saves for backward is counted, each storage once (parameters
   excluded), under CPU autocast for ``bf16-mixed``. A checkpointed block keeps only its inputs
   (counted too). Added to that is the peak of backward beyond the saved tensors: the loss's
-  gradient (two ``tokens x vocab`` fp32 tensors; one chunk's with the chunked loss) while
+  gradient (two ``tokens x vocab`` fp32 tensors; with the chunked loss one chunk's logits, the
+  hidden states' gradient and the head's weight gradient) while
   everything is still saved, or later a checkpointed block's recomputation (its full
   activations) once the logits are freed, whichever is larger.
 - **optimizer-step temporaries** (GPU kernels): torch's foreach AdamW allocates one
@@ -229,7 +230,7 @@ class ActivationCount:
 
     ``saved`` is everything (each storage once); ``per_block`` what each transformer block
     added; ``head`` what came after the last block (final norm, logits, loss);
-    ``block_recompute``: the most a checkpointed block holds while backward recomputes it.
+    ``largest``: the largest tensor a block saves (its gradient is the largest of the block's backward).
 
     Example:
         >>> ActivationCount(saved=10, per_block=[4, 4], head=2).embeddings
@@ -239,7 +240,7 @@ class ActivationCount:
     saved: int
     per_block: list[int] = field(default_factory=list)
     head: int = 0
-    block_recompute: int = 0
+    largest: int = 0
 
     @property
     def embeddings(self) -> int:
@@ -299,11 +300,14 @@ def count_activations(
     tensors = _fake_copy(model, mode, dtype)
     held = {t.untyped_storage()._cdata for t in tensors.values()}
     saved: dict[int, int] = {}
+    in_block, largest = [False], [0]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in held:
             saved.setdefault(storage._cdata, storage.nbytes())
+            if in_block[0]:
+                largest[0] = max(largest[0], storage.nbytes())
         return tensor
 
     def keep_inputs(values: Any) -> None:
@@ -315,7 +319,6 @@ def count_activations(
                     pack(item)
 
     marks: list[int] = []
-    in_block = [False]
 
     def enter(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         marks.append(sum(saved.values()))
@@ -345,7 +348,7 @@ def count_activations(
     total = sum(saved.values())
     per_block = [marks[i + 1] - marks[i] for i in range(0, len(marks) - 1, 2)]
     head = total - marks[-1] if marks else 0
-    return ActivationCount(saved=total, per_block=per_block, head=head)
+    return ActivationCount(saved=total, per_block=per_block, head=head, largest=largest[0])
 
 
 class _KeepOutputs(TorchDispatchMode):
@@ -502,8 +505,11 @@ def _loss_transient(settings: PlanSettings, vocab: int, hidden: int, compute_ite
     cast to the compute dtype), or one chunk's with the chunked loss (plus the hidden's gradient)."""
     tokens = settings.batch_size * settings.seq_len
     if settings.chunked_loss:
+        # One chunk's fp32 logits (and their cast), the hidden states' gradient, and the head's
+        # weight gradient, accumulated there before it becomes the parameter's .grad.
         rows = min(settings.loss_chunk_size, tokens)
-        return 2 * rows * vocab * 4 + tokens * hidden * compute_itemsize
+        cast = rows * vocab * compute_itemsize if compute_itemsize != 4 else 0
+        return rows * vocab * 4 + cast + tokens * hidden * compute_itemsize + vocab * hidden * compute_itemsize
     cast = tokens * vocab * compute_itemsize if compute_itemsize != 4 else 0
     return 2 * tokens * vocab * 4 + cast
 
@@ -630,8 +636,9 @@ def plan(
             autocast_dtype=autocast,
             selective_ops=selective_ops if settings.activation_checkpointing == "selective" else frozenset(),
         )
-        # Backward recomputes one block at a time: its full activations come back.
-        block_transient = max(plain.per_block, default=0)
+        # Backward recomputes one block at a time: its full activations come back, and the
+        # gradients of its largest tensors (that of the output and that of the input) pass through.
+        block_transient = max(plain.per_block, default=0) + 2 * plain.largest
     loss_transient = _loss_transient(settings, vocab, hidden, compute_itemsize)
     # The loss's backward comes first, with everything saved; a block's recomputation later, when
     # the logits and the loss's tensors are gone.
