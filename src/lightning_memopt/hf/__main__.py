@@ -23,6 +23,8 @@ import runpy
 import sys
 from collections.abc import Sequence
 
+from .registration import register_on_transformers_import
+
 USAGE = (
     "usage: python -m lightning_memopt.hf SCRIPT.py [ARGS...]\n"
     "       python -m lightning_memopt.hf -m MODULE [ARGS...]\n"
@@ -47,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
 
-    import lightning_memopt  # noqa: F401  (registers the optimizer names in transformers)
+    # `python -m lightning_memopt.hf` has imported the package (which registers everything);
+    # this makes main() called from Python register the HF names too, without importing the
+    # Lightning adapters from the HF one.
+    register_on_transformers_import()
 
     if argv[0] == "-m":
         if len(argv) < 2:

@@ -89,6 +89,12 @@ class ObjectiveStep:
         loss: the objective so far; a term adds to it or replaces it.
         parts: detached scalars to log, by metric name (e.g. ``exit_2_loss``).
         state: per-term scratch space, by term name (what :meth:`LossTerm.around_forward` captured).
+
+    Example:
+        >>> step = ObjectiveStep(torch.nn.Linear(2, 2), {"labels": None}, loss=torch.tensor(1.0))
+        >>> step.loss = step.loss + 0.5; step.parts["bonus"] = torch.tensor(0.5)
+        >>> float(step.loss)
+        1.5
     """
 
     model: nn.Module
@@ -123,7 +129,15 @@ class LossTerm:
 
 @dataclass
 class TrainingObjective:
-    """What :func:`get_objective` returns: the pieces installed on a model."""
+    """What :func:`get_objective` returns: the pieces installed on a model.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> add_loss_term(model, "zero", LossTerm())
+        >>> objective = get_objective(model)
+        >>> objective.main_loss is None, list(objective.terms), objective.empty
+        (True, ['zero'], False)
+    """
 
     main_loss: MainLoss | None = None
     main_loss_name: str | None = None
