@@ -287,8 +287,8 @@ def count_activations(
         >>> with torch.device("meta"):
         ...     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
         >>> count = count_activations(model, 2, 3, loss_fn=lambda m, ids: m(ids).square().mean())
-        >>> count.saved  # the embedding output (2 x 3 x 4) and the linear output (2 x 3 x 10), fp32
-        336
+        >>> count.saved  # token ids (2 x 3 int64), embedding (2 x 3 x 4) and linear (2 x 3 x 10) outputs (fp32)
+        384
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
