@@ -85,7 +85,8 @@ def reference_weights() -> dict[str, torch.Tensor]:
 
 
 def is_save_to_kill(path: str, kill_name: str) -> bool:
-    return Path(path).name.startswith(kill_name + atomic.TMP_MARKER) and RUNNING[0].global_step == KILL_STEP
+    staged = Path(path).name == kill_name and Path(path).parent.name.startswith(atomic.STAGING_PREFIX)
+    return staged and RUNNING[0].global_step == KILL_STEP
 
 
 def stall_in_save(root: Path) -> None:

@@ -26,7 +26,7 @@ from lightning_memopt.strategies.atomic import (
     atomic_write,
     recover_interrupted_replace,
     remove_stale_temporaries,
-    temporary_sibling,
+    staging_path,
 )
 
 CHILD = Path(__file__).with_name("_crash_child.py")
@@ -36,10 +36,11 @@ CHILD = Path(__file__).with_name("_crash_child.py")
 def test_atomic_write_replaces_and_cleans_up(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, target)
-    stale = temporary_sibling(target, pid=999_999)
+    stale = staging_path(target, pid=999_999)
+    stale.parent.mkdir()
     stale.write_bytes(b"half a checkpoint")
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, target)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the leftover is gone
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the leftover and its folder are gone
     assert AtomicCheckpointIO().load_checkpoint(target)["step"] == 2
 
 
@@ -63,32 +64,51 @@ def test_a_folder_replaces_a_folder_or_a_file(tmp_path: Path, monkeypatch, excha
         monkeypatch.setattr(atomic, "_exchange", lambda source, target: False)
     target = tmp_path / "last.ckpt"
     for content in ("first", "second"):
-        new = temporary_sibling(target)
-        new.mkdir()
+        new = staging_path(target)
+        new.mkdir(parents=True)
         (new / "shard").write_text(content)
         atomic_replace(new, target)
         assert (target / "shard").read_text() == content
     # A file over the folder (save_distributed_checkpoint switched off), and back.
-    new = temporary_sibling(target)
+    new = staging_path(target)
     new.write_text("file")
     atomic_replace(new, target)
     assert target.read_text() == "file"
     new.mkdir()
     atomic_replace(new, target)
     assert target.is_dir()
+    remove_stale_temporaries(target)  # the staging folder, now empty
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_recover_a_replace_killed_between_its_two_renames(tmp_path: Path) -> None:
     target = tmp_path / "epoch=0-step=[3].ckpt"  # glob characters in the name
-    aside = target.with_name(target.name + atomic.OLD_MARKER + "123")
-    aside.mkdir()
+    aside = staging_path(target, pid=123).with_name(target.name + atomic.OLD_SUFFIX)
+    aside.mkdir(parents=True)
     (aside / "shard").write_text("previous")
-    temporary_sibling(target, pid=123).mkdir()
+    staging_path(target, pid=123).mkdir()  # the new one, half written
     assert recover_interrupted_replace(target) == target
     assert (target / "shard").read_text() == "previous"
-    assert [p.name for p in remove_stale_temporaries(target)] == [target.name + ".tmp-123"]
+    assert remove_stale_temporaries(target) == [staging_path(target, pid=123)]
     assert recover_interrupted_replace(target) is None  # nothing to do once the name exists
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_leftover_does_not_confuse_lightnings_checkpoint_lookups(tmp_path: Path) -> None:
+    """ckpt_path="last" and the SLURM requeue resume (the highest number in any name holding
+    ``hpc_ckpt_``) still find the previous complete checkpoint beside a killed save's leftover."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for name in ("hpc_ckpt_1.ckpt", "last.ckpt"):
+        AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, tmp_path / name)
+        leftover = staging_path(tmp_path / name.replace("1", "2").replace("last", "last-v1"), pid=77)
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_bytes(b"half")
+    callback = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False)
+    assert trainer._checkpoint_connector._hpc_resume_path == str(tmp_path / "hpc_ckpt_1.ckpt")
+    assert callback._find_last_checkpoints(trainer) == {str(tmp_path / "last.ckpt")}
 
 
 # ---------------------------------------------------------------------- killed saves
@@ -134,8 +154,8 @@ def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_pat
     _kill_during_save(mode, tmp_path, kill_name)
     folder = tmp_path / "checkpoints"
     names = sorted(p.name for p in folder.iterdir())
-    leftovers = [n for n in names if atomic.TMP_MARKER in n]
-    assert len(leftovers) == 1 and leftovers[0].startswith(kill_name), names
+    leftovers = [n for n in names if n.startswith(atomic.STAGING_PREFIX)]
+    assert len(leftovers) == 1 and [p.name for p in (folder / leftovers[0]).iterdir()] == [kill_name], names
     # Under every checkpoint name, a complete checkpoint; last.ckpt is step 2's (saved before step 3's).
     complete = [n for n in names if n.endswith(".ckpt")]
     assert "last.ckpt" in complete and (kill_name == "last.ckpt") == ("epoch=0-step=3.ckpt" in complete), names
@@ -158,7 +178,7 @@ def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_pat
         torch.testing.assert_close(outcome["weights"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
     # Every name in the folder now is a complete checkpoint, and top-k names exactly the two newest.
     names = sorted(p.name for p in folder.iterdir())
-    assert not [n for n in names if atomic.TMP_MARKER in n], names
+    assert not [n for n in names if n.startswith(atomic.STAGING_PREFIX)], names
     for name in names:
         _load(folder / name)
     assert set(outcome["best_k"]) == {"epoch=0-step=5.ckpt", "epoch=0-step=6.ckpt"} <= set(names)

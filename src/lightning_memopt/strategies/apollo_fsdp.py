@@ -296,7 +296,7 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
             ``(num_nodes, devices)``: shard within each node, replicate across nodes.
         save_distributed_checkpoint: save a folder of shards with
             ``torch.distributed.checkpoint`` (default; re-shardable) or one full file from rank 0.
-            Either is crash-safe: written under ``name.tmp-<pid>`` and renamed into place once
+            Either is crash-safe: written under ``.tmp-<pid>/name`` and renamed into place once
             complete (:mod:`~lightning_memopt.strategies.atomic`), so a run killed during a
             save resumes from the previous checkpoint.
         process_group_backend, timeout: as in Lightning's ``ModelParallelStrategy``.
@@ -579,8 +579,9 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
     # ------------------------------------------------------------------ checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Save crash-safely: the folder of shards (or the full file) is written under a temporary
-        sibling ``name.tmp-<pid>`` and renamed into place only once every rank has finished."""
+        """Save crash-safely: the folder of shards (or the full file) is written into a staging
+        folder beside it (``.tmp-<pid>/name``) and renamed into place only once every rank
+        has finished."""
         if not self._save_distributed_checkpoint:
             path = Path(self.broadcast(str(filepath)))
             if path.is_dir() and not _is_sharded_checkpoint(path):
@@ -599,11 +600,11 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
             )
         # Every rank writes into the same temporary folder (rank 0's name), on a shared file system.
         path = Path(self.broadcast(str(filepath)))
-        tmp = atomic.temporary_sibling(path, pid=self.broadcast(os.getpid()))
+        tmp = atomic.staging_path(path, pid=self.broadcast(os.getpid()))
         if self.is_global_zero:
             atomic.recover_interrupted_replace(path)
             atomic.remove_stale_temporaries(path)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # and its staging folder .tmp-<pid>
         self.barrier("apollo_fsdp_checkpoint_folder")
         converted_state = {"state_dict": checkpoint.pop("state_dict")}
         converted_state.update(
@@ -616,6 +617,7 @@ class ApolloFSDPStrategy(ModelParallelStrategy):
         if self.is_global_zero:
             atomic.fsync_tree(tmp)
             atomic.atomic_replace(tmp, path)
+            atomic.remove_stale_temporaries(path)  # the empty staging folder
         self.barrier("apollo_fsdp_checkpoint_renamed")
 
     @override

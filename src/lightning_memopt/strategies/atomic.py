@@ -3,16 +3,20 @@
 A run killed while it saves (preempted, out of memory, a node lost) must not leave a
 half-written file or folder under the checkpoint's name: ``ckpt_path="last"`` and
 ``ModelCheckpoint``'s top-k bookkeeping would pick it and the resume would fail (or, worse,
-load a folder with some shards missing). Everything here writes to a temporary sibling
-(``name.tmp-<pid>``, in the same directory, so that the final rename stays on one file
-system), flushes it to disk (``fsync``), and only then puts it in place with one atomic
-rename. A temporary name never ends in ``.ckpt``, so Lightning never mistakes it for a
-checkpoint; leftovers of a killed save are removed by the next save of the same name.
+load a folder with some shards missing). Everything here writes the checkpoint under its
+own name inside a hidden staging folder beside it (``.tmp-<pid>/name``: the same directory's
+file system, so the final rename is atomic), flushes it to disk (``fsync``), and only then
+renames it into place. The staging folder's name holds neither the checkpoint's name nor
+``.ckpt``, so nothing Lightning lists mistakes a leftover for a checkpoint: not
+``ckpt_path="last"`` (names ``last*.ckpt``), nor ModelCheckpoint's versions, nor the SLURM
+requeue resume (which takes the highest number in any name containing ``hpc_ckpt_``: a
+``hpc_ckpt_3.ckpt.tmp-1234`` beside it would read as checkpoint 31234). Leftovers of a killed
+save are removed by the next save of the same name.
 
 - :func:`atomic_replace` swaps a finished file or folder into place. Replacing an existing
   folder (``last.ckpt/`` saved again) needs an atomic *exchange* of two names, which Linux
-  offers (``renameat2(RENAME_EXCHANGE)``); elsewhere the old folder is first renamed aside
-  (``name.old-<pid>``) and :func:`recover_interrupted_replace` restores it if the process died
+  offers (``renameat2(RENAME_EXCHANGE)``); elsewhere the old folder is first moved aside
+  (``.tmp-<pid>/name.old``) and :func:`recover_interrupted_replace` restores it if the process died
   between the two renames.
 - :class:`AtomicCheckpointIO` is Lightning's ``TorchCheckpointIO`` with these writes, for
   single-file checkpoints (it streams ``torch.save`` into the temporary file instead of first
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import os
 import shutil
 from collections.abc import Callable
@@ -46,21 +49,22 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
-TMP_MARKER = ".tmp-"
-OLD_MARKER = ".old-"
+STAGING_PREFIX = ".tmp-"  # the staging folder: .tmp-<pid>
+OLD_SUFFIX = ".old"  # .tmp-<pid>/name.old: the previous checkpoint, moved aside (no renameat2)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def temporary_sibling(path: str | Path, pid: int | None = None) -> Path:
-    """Where a save of ``path`` is written before it is renamed into place: ``name.tmp-<pid>``.
+def staging_path(path: str | Path, pid: int | None = None) -> Path:
+    """Where a save of ``path`` is written before it is renamed into place: ``.tmp-<pid>/name``
+    in ``path``'s directory (the caller creates the ``.tmp-<pid>`` folder).
 
     Example:
-        >>> temporary_sibling("ckpts/last.ckpt", pid=42).as_posix()
-        'ckpts/last.ckpt.tmp-42'
+        >>> staging_path("ckpts/last.ckpt", pid=42).as_posix()
+        'ckpts/.tmp-42/last.ckpt'
     """
     path = Path(path)
-    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid() if pid is None else pid}")
+    return path.parent / f"{STAGING_PREFIX}{os.getpid() if pid is None else pid}" / path.name
 
 
 def _remove(path: Path) -> None:
@@ -71,8 +75,20 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _staging_folders(path: Path) -> list[Path]:
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f"{STAGING_PREFIX}*") if p.is_dir())
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove what killed saves of ``path`` left behind (``name.tmp-*``); returns the removed paths.
+    """Remove what killed saves of ``path`` left behind (``.tmp-*/name``, and the staging folders
+    they leave empty); returns the removed paths.
 
     Call it only where no other process is saving the same name at the same time (one
     Lightning run saves each name from global rank 0 alone).
@@ -80,17 +96,21 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     Example:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
-        >>> (folder / "last.ckpt.tmp-123").write_bytes(b"half")
+        >>> (folder / ".tmp-123").mkdir(); (folder / ".tmp-123" / "last.ckpt").write_bytes(b"half")
         4
-        >>> [p.name for p in remove_stale_temporaries(folder / "last.ckpt")]
-        ['last.ckpt.tmp-123']
+        >>> [p.relative_to(folder).as_posix() for p in remove_stale_temporaries(folder / "last.ckpt")]
+        ['.tmp-123/last.ckpt']
+        >>> list(folder.iterdir())
+        []
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    stale = sorted(path.parent.glob(f"{glob.escape(path.name)}{TMP_MARKER}*"))
-    for leftover in stale:
-        _remove(leftover)
+    stale = []
+    for folder in _staging_folders(path):
+        leftover = folder / path.name
+        if leftover.exists() or leftover.is_symlink():
+            _remove(leftover)
+            stale.append(leftover)
+        _remove_if_empty(folder)
     return stale
 
 
@@ -143,11 +163,12 @@ def _exchange(source: Path, target: Path) -> bool:
 def atomic_replace(source: str | Path, target: str | Path) -> None:
     """Put the finished file or folder ``source`` in place of ``target`` in one atomic step.
 
-    ``target`` is, at every instant, either its previous content or ``source``'s. For a file,
-    or a folder over nothing, that is ``os.replace``. A folder (or a file) over an existing
-    folder, or a folder over a file, is exchanged (``renameat2(RENAME_EXCHANGE)``) and the old
-    one removed; where exchange is unsupported the old one is renamed to ``name.old-<pid>``
-    first (see :func:`recover_interrupted_replace`). The parent directory is synced.
+    ``target`` is, at every instant, either its previous content or ``source``'s (which must
+    be in the same file system, e.g. :func:`staging_path`). For a file, or a folder over
+    nothing, that is ``os.replace``. A folder (or a file) over an existing folder, or a folder
+    over a file, is exchanged (``renameat2(RENAME_EXCHANGE)``) and the old one removed; where
+    exchange is unsupported the old one is first moved to ``.tmp-<pid>/name.old`` (see
+    :func:`recover_interrupted_replace`). The parent directory is synced.
 
     Example:
         >>> import tempfile
@@ -164,7 +185,8 @@ def atomic_replace(source: str | Path, target: str | Path) -> None:
     elif _exchange(source, target):
         _remove(source)  # now the old checkpoint
     else:
-        aside = target.with_name(f"{target.name}{OLD_MARKER}{os.getpid()}")
+        aside = staging_path(target).with_name(target.name + OLD_SUFFIX)
+        aside.parent.mkdir(exist_ok=True)
         os.replace(target, aside)
         os.replace(source, target)
         _remove(aside)
@@ -173,7 +195,7 @@ def atomic_replace(source: str | Path, target: str | Path) -> None:
 
 def recover_interrupted_replace(target: str | Path) -> Path | None:
     """Undo a replace that died between its two renames (only where exchange is unsupported):
-    if ``target`` is missing and ``name.old-*`` exists, rename it back; returns it, or ``None``.
+    if ``target`` is missing and ``.tmp-*/name.old`` exists, move it back; returns it, or ``None``.
 
     Example:
         >>> recover_interrupted_replace("no/such/checkpoint.ckpt") is None
@@ -182,7 +204,8 @@ def recover_interrupted_replace(target: str | Path) -> Path | None:
     target = Path(target)
     if target.exists() or not target.parent.is_dir():
         return None
-    olds = sorted(target.parent.glob(f"{glob.escape(target.name)}{OLD_MARKER}*"), key=lambda p: p.stat().st_mtime)
+    olds = [f / (target.name + OLD_SUFFIX) for f in _staging_folders(target)]
+    olds = sorted((p for p in olds if p.exists()), key=lambda p: p.stat().st_mtime)
     if not olds:
         return None
     os.replace(olds[-1], target)
@@ -196,7 +219,7 @@ def _torch_save(checkpoint: dict[str, Any], file: BinaryIO) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through ``write(file)`` into ``name.tmp-<pid>``, ``fsync`` it, then rename it to ``path``.
+    """Write a file through ``write(file)`` into ``.tmp-<pid>/name``, ``fsync`` it, then rename it to ``path``.
 
     Leftovers of earlier killed saves of ``path`` are removed first; on an error the
     temporary file is removed and ``path`` keeps its previous content. Returns ``path``.
@@ -211,7 +234,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_replace(path)
     remove_stale_temporaries(path)
-    tmp = temporary_sibling(path)
+    tmp = staging_path(path)
+    tmp.parent.mkdir(exist_ok=True)
     try:
         with open(tmp, "wb") as file:
             write(file)
@@ -221,13 +245,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _remove_if_empty(tmp.parent)
     return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves are crash-safe: a temporary sibling, ``fsync``, one atomic rename.
 
-    A run killed during a save leaves the previous checkpoint in place (and a ``name.tmp-<pid>``
+    A run killed during a save leaves the previous checkpoint in place (and a ``.tmp-<pid>/name``
     that the next save removes), so ``ckpt_path="last"`` resumes from a complete one.
     Remote paths (``s3://`` ...) keep Lightning's own transaction-based save.
 
