@@ -201,6 +201,8 @@ def test_qlora_minilm_trainer_save_and_exact_resume(
     names = {id(p): n for n, p in full.model.named_parameters()}
     trained = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
     assert trained and all("lora_" in n or "classifier" in n for n in trained)  # the 4-bit base is frozen
+    lora_b = [p for n, p in full.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all((p != 0).any() for p in lora_b)  # lora_B starts at zero: the adapters trained
     assert (tmp_path / "run" / "checkpoint-3" / "adapter_model.safetensors").is_file()
     resumed = train(resume=str(tmp_path / "run" / "checkpoint-3"))
     assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-5)
@@ -232,3 +234,37 @@ def test_int8_or_chunked_loss_with_fsdp_is_refused_before_training(tmp_path: Pat
     with pytest.raises(ValueError, match="use_chunked_loss cannot be used with FSDP"):
         build_optimizer("apollo", chunked, args=fsdp)
     check_trainer_setup(chunked, TrainingArguments(str(tmp_path), report_to=[]))  # no sharding: fine
+
+
+# --------------------------------------------------------------------------- the objective mechanism
+def test_a_loss_term_trains_through_the_stock_trainer_and_its_parts_are_logged(tmp_path: Path) -> None:
+    """The mechanism early exits and MoE losses will use: a term changes ``.loss``, records parts
+    that LayerMetricsCallback averages over the logging interval, and learns the step."""
+    from lightning_memopt.layers import LossTerm, ObjectiveStep, add_loss_term
+
+    class Counting(LossTerm):
+        def __init__(self) -> None:
+            self.forwards = 0
+            self.steps: list[int] = []
+
+        def around_forward(self, step: ObjectiveStep, name: str):
+            self.forwards += 1
+            return super().around_forward(step, name)
+
+        def __call__(self, step: ObjectiveStep) -> None:
+            step.parts["forward_index"] = torch.tensor(float(self.forwards))
+            step.loss = step.loss + 1.0  # a constant: the gradients, hence the weights, are the plain run's
+
+        def set_training_step(self, step: int) -> None:
+            self.steps.append(step)
+
+    settings = {"max_steps": 4, "logging_steps": 2, "optim": "adamw_torch"}
+    plain = run(tiny_llama(), tmp_path / "plain", **settings)
+    model, term = tiny_llama(), Counting()
+    add_loss_term(model, "counting", term)
+    trainer = run(model, tmp_path / "term", callbacks=[LayerMetricsCallback()], **settings)
+    assert losses(trainer) == pytest.approx([x + 1.0 for x in losses(plain)], rel=1e-6)
+    assert max_abs_diff(plain.model, trainer.model) == 0.0
+    logged = [e["forward_index"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == [1.5, 3.5]  # the mean over each interval's forwards (1, 2) and (3, 4)
+    assert term.steps == [0, 1, 2, 3]

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..layers import get_objective, last_loss_parts, moe_aux_loss, moe_expert_loads, moe_layers, moe_z_loss
+from ..layers.objective import set_training_step
 from ..quant import is_int8_weight
 from .checks import check_trainer_setup
 
@@ -84,8 +85,10 @@ class LayerMetricsCallback(TrainerCallback):
     these metrics too, put this callback first:
     ``trainer.callback_handler.callbacks.insert(0, LayerMetricsCallback())``.
 
-    When the Trainer is created, :func:`~lightning_memopt.hf.check_trainer_setup` refuses the
-    combinations that cannot work (INT8 weights or the chunked loss with FSDP / DeepSpeed).
+    At each step's start it tells the loss terms the optimizer step
+    (:func:`~lightning_memopt.layers.objective.set_training_step`). When the Trainer is created,
+    :func:`~lightning_memopt.hf.check_trainer_setup` refuses the combinations that cannot work
+    (INT8 weights or the chunked loss with FSDP / DeepSpeed).
 
     Args:
         int8: add the INT8 facts.
@@ -134,6 +137,13 @@ class LayerMetricsCallback(TrainerCallback):
             # The objective may sit on a wrapped model (peft's PeftModel holds the HF model).
             self._objective_owners = [m for m in model.modules() if get_objective(m) is not None]
             self._handle = model.register_forward_hook(self._record)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        # Loss terms with a schedule (an exit curriculum) learn the optimizer step here.
+        if model is not None and self._objective_owners:
+            set_training_step(model, state.global_step)
 
     def _averages(self) -> dict[str, float]:
         keys = sorted(self._sums)

@@ -69,6 +69,7 @@ __all__ = [
     "last_loss_parts",
     "remove_loss_term",
     "set_main_loss",
+    "set_training_step",
 ]
 
 _ATTRIBUTE = "_memopt_objective"
@@ -125,6 +126,10 @@ class LossTerm:
     def __call__(self, step: ObjectiveStep) -> None:
         """Add to ``step.loss`` and record parts in ``step.parts``."""
         raise NotImplementedError(f"{type(self).__name__} must define __call__(self, step).")
+
+    def set_training_step(self, step: int) -> None:
+        """Told the optimizer step about to run (for schedules such as an exit curriculum); the
+        trainer adapters call it through :func:`set_training_step`. Default: ignored."""
 
 
 @dataclass
@@ -265,6 +270,21 @@ def set_main_loss(model: nn.Module, main_loss: MainLoss | None, name: str = "mai
             f"remove it before installing {name!r} (the two replace the same loss)."
         )
     objective.main_loss, objective.main_loss_name = main_loss, name
+
+
+def set_training_step(model: nn.Module, step: int) -> None:
+    """Tell every loss term installed on ``model`` or its submodules the optimizer step about to
+    run (a forward cannot know it under gradient accumulation). The HF
+    :class:`~lightning_memopt.hf.LayerMetricsCallback` calls it at each step's start.
+
+    Example:
+        >>> set_training_step(torch.nn.Linear(2, 2), 10)  # no objective: nothing to do
+    """
+    for module in model.modules():
+        objective = get_objective(module)
+        if objective is not None:
+            for term in objective.terms.values():
+                term.set_training_step(step)
 
 
 def add_loss_term(model: nn.Module, name: str, term: LossTerm) -> None:
