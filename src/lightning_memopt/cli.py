@@ -180,6 +180,28 @@ def _class_from_name(value: str) -> type | None:
     return found if inspect.isclass(found) else None
 
 
+def _registry_spec(value: str) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` for an optimizer registry name (``apollo_mini``: APOLLOMini
+    with the registry's defaults), or None for anything else (layer-wise names included: the
+    model explains that a callback drives those)."""
+    from lightning_memopt.optim import available_optimizers, get_optimizer_spec
+
+    if value not in available_optimizers():
+        return None
+    spec = get_optimizer_spec(value)
+    if spec.layerwise:
+        return None
+    try:
+        factory = spec.factory
+    except ImportError:
+        return None  # e.g. bitsandbytes missing: the model reports it with the fix
+    if not inspect.isclass(factory):
+        return None
+    init_args = _default_init_args(factory)
+    init_args.update({k: list(v) if isinstance(v, tuple) else v for k, v in spec.defaults.items()})
+    return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": init_args}
+
+
 def _default_init_args(cls: type) -> dict[str, Any]:
     """The constructor defaults of ``cls`` that a config can hold (JSON values)."""
     defaults: dict[str, Any] = {}
@@ -205,8 +227,9 @@ def reset_on_class_switch(args: list[str]) -> list[str]:
     one also accepts: on the quickstart, APOLLO would silently keep APOLLO-Mini's ``rank: 1,
     scale_type: tensor, scale: 128``. Each such option naming a class is rewritten to the class
     with all its constructor defaults spelled out, so nothing carries over; options after it
-    (``--model.init_args.optimizer.init_args.rank=64``) still apply. Registry names
-    (``apollo``) and anything else pass through unchanged.
+    (``--model.init_args.optimizer.init_args.rank=64``) still apply. An optimizer registry name
+    (``apollo``, ``apollo_mini``, ``adamw``, ``adamw8bit``) becomes its class with the
+    registry's defaults, so the saved config names a class; anything else passes through.
 
     Example:
         >>> out = reset_on_class_switch(["--model.init_args.optimizer=APOLLO", "--trainer.max_steps=5"])
@@ -221,12 +244,17 @@ def reset_on_class_switch(args: list[str]) -> list[str]:
         take_next = value is None and key.lstrip("-") in CLASS_SWITCH_KEYS and index + 1 < len(args)
         if take_next:
             value = args[index + 1]
-        cls = _class_from_name(value) if key.lstrip("-") in CLASS_SWITCH_KEYS and value else None
-        if cls is None:
+        spec: dict[str, Any] | None = None
+        if key.lstrip("-") in CLASS_SWITCH_KEYS and value:
+            cls = _class_from_name(value)
+            if cls is not None:
+                spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _default_init_args(cls)}
+            elif key.lstrip("-").endswith("optimizer"):
+                spec = _registry_spec(value)
+        if spec is None:
             out.append(arg)
             index += 1
             continue
-        spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _default_init_args(cls)}
         out.append(f"{key}={json.dumps(spec)}")
         index += 2 if take_next else 1
     return out
@@ -413,7 +441,7 @@ class MemoptCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            raise ConfigError(str(err).strip()) from err
+            raise ConfigError(_root_message(err)) from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
@@ -473,6 +501,21 @@ class MemoptCLI(LightningCLI):
     def after_predict(self) -> None:
         if self.trainer.is_global_zero:
             write_predictions(self.trainer)
+
+
+def _root_message(err: BaseException) -> str:
+    """The refusal itself, out of jsonargparse's wrapping ("Does not validate against any of the
+    Union subtypes ... Errors: - model.optimizer (...): <the refusal>")."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line:
+            return line[2:].split("): ", 1)[-1]
+    return text.splitlines()[0]
 
 
 class CompactModelSummary(ModelSummaryBase):

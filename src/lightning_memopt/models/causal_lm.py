@@ -168,9 +168,8 @@ def check_optimizer(optimizer: Any) -> None:
     try:
         build(_probe_groups())
     except (ValueError, TypeError) as err:
-        name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", None)
-        name = name or getattr(getattr(optimizer, "func", None), "__name__", type(optimizer).__name__)
-        raise ValueError(f"model.optimizer ({name}): {err}") from None
+        # The optimizer's own message names it and the bad value.
+        raise ValueError(f"model.optimizer: {err}") from None
 
 
 def build_causal_lm(name: str, vocab_size: int | None = None, overrides: dict[str, Any] | None = None) -> nn.Module:
