@@ -195,3 +195,27 @@ def test_bad_confidence_exit_input_raises() -> None:
         early_exit_generate(model, ids, 4, threshold=0.5, attention_mask=torch.tensor([[1, 1, 0, 0]]))
     with pytest.raises(ValueError, match="no early exits"):
         self_speculative_generate(build_llama("tiny", vocab_size=VOCAB), ids, 4, exit_layer=0)
+
+
+def test_lean_block_is_the_llama_block_to_the_bit() -> None:
+    from transformers import DynamicCache
+
+    from lightning_memopt.layers.early_exit_decoding import _Decoder, _LeanLlamaBlock
+
+    model = tiny()
+    decoder = _Decoder(model, model._memopt_early_exits, "test", 16)
+    assert all(isinstance(lean, _LeanLlamaBlock) for lean in decoder.lean)
+    hidden = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(0))
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    outputs = []
+    for cache, lean in zip(caches, (decoder.lean, [None] * decoder.num_layers)):
+        decoder.lean = lean
+        with torch.no_grad():
+            first = decoder.block(0, hidden, 0, cache)  # a chunk from position 0 (causal mask)
+            second = decoder.block(0, hidden[:, :1], 5, cache)  # one more token against the cache
+        outputs.append((first, second, cache.layers[0].keys))
+    for lean_out, module_out in zip(*outputs):
+        assert torch.equal(lean_out, module_out)
+    # Anything but a plain LLaMA block (here an INT8-style replaced linear) runs as a module.
+    model.model.layers[1].mlp.up_proj = nn.Sequential(model.model.layers[1].mlp.up_proj)
+    assert _LeanLlamaBlock.wrap(model.model.layers[1]) is None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .early_exit import EarlyExits, _never_exits, _require_exits
 
@@ -59,6 +60,8 @@ class _Decoder:
         positions = torch.arange(max_positions, device=weight.device)[None]
         self.cos, self.sin = rotary(torch.zeros((), dtype=weight.dtype, device=weight.device), position_ids=positions)
         self.dtype, self.device = weight.dtype, weight.device
+        lean = getattr(self.config, "_attn_implementation", None) == "sdpa"
+        self.lean = [_LeanLlamaBlock.wrap(block) if lean else None for block in self.blocks]
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -70,8 +73,85 @@ class _Decoder:
         length = hidden.shape[1]
         mask = _causal_mask(length, first, hidden.dtype, hidden.device) if length > 1 else None
         rotary = (self.cos[:, first : first + length], self.sin[:, first : first + length])
+        lean = self.lean[layer]
+        if lean is not None:
+            return lean(hidden, mask, cache, rotary)
         out = self.blocks[layer](hidden, attention_mask=mask, cache=cache, position_embeddings=rotary)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _LeanLlamaBlock:
+    """A ``LlamaDecoderLayer``'s inference forward, op for op as transformers 5 computes it with
+    SDPA attention (so the results are the same to the bit), without the module machinery: no
+    ``nn.Module`` calls, hooks, keyword plumbing or kernel-hub wrappers. On a CPU, that machinery
+    is about a third of a small model's decoding time. The keys and values still go through the
+    public cache API (``cache.update``).
+
+    :meth:`wrap` returns ``None`` for anything else (another block class, a replaced linear or
+    norm such as INT8 weights, grouped-query attention, biased projections of another family):
+    those blocks run as modules.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.layer_idx = attn.layer_idx
+        self.heads, self.head_dim, self.scaling = attn.config.num_attention_heads, attn.head_dim, attn.scaling
+        self.q, self.k, self.v, self.o = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.norm1, self.norm2 = block.input_layernorm, block.post_attention_layernorm
+
+    @classmethod
+    def wrap(cls, block: nn.Module) -> _LeanLlamaBlock | None:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
+
+        if type(block) is not LlamaDecoderLayer or type(block.mlp) is not LlamaMLP:
+            return None
+        attn = block.self_attn
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj)
+        if any(type(m) is not nn.Linear for m in (*linears, block.mlp.down_proj)):
+            return None
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        if any(type(m) is not LlamaRMSNorm for m in norms) or attn.num_key_value_groups != 1:
+            return None
+        return cls(block)
+
+    @staticmethod
+    def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        # LlamaRMSNorm.forward, written out.
+        dtype = hidden.dtype
+        hidden = hidden.to(torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+        return norm.weight * hidden.to(dtype)
+
+    @staticmethod
+    def _linear(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, module.weight, module.bias)
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, rotary) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        shape = (batch, length, -1, self.head_dim)
+        residual = hidden
+        normed = self._rms_norm(self.norm1, hidden)
+        query = self._linear(self.q, normed).view(shape).transpose(1, 2)
+        key = self._linear(self.k, normed).view(shape).transpose(1, 2)
+        value = self._linear(self.v, normed).view(shape).transpose(1, 2)
+        cos, sin = rotary[0].unsqueeze(1), rotary[1].unsqueeze(1)
+        query = (query * cos) + (_rotate_half(query) * sin)
+        key = (key * cos) + (_rotate_half(key) * sin)
+        key, value = cache.update(key, value, self.layer_idx)
+        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling)
+        attn = attn.transpose(1, 2).contiguous().reshape(batch, length, -1)
+        hidden = residual + self._linear(self.o, attn)
+        residual = hidden
+        normed = self._rms_norm(self.norm2, hidden)
+        mlp = self._linear(self.down, self.act(self._linear(self.gate, normed)) * self._linear(self.up, normed))
+        return residual + mlp
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _causal_mask(chunk: int, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
