@@ -188,7 +188,17 @@ def settings_from_args(args: argparse.Namespace) -> PlanSettings:
 
 
 def run_plan(args: argparse.Namespace) -> tuple[MemoryPlan, nn.Module]:
-    """Build the model and plan it (see :func:`main`)."""
+    """Build the model and plan it (see :func:`main`); returns the plan and the meta model.
+
+    Raises:
+        PlannerError: for a bad argument (one line, naming the fix).
+
+    Example:
+        >>> args = build_parser().parse_args(["--model", "tiny", "--seq-len", "32", "--devices", "2"])
+        >>> result, model = run_plan(args)
+        >>> result.mesh, next(model.parameters()).device.type
+        ((1, 2), 'meta')
+    """
     from lightning_memopt.layers.blocks import find_transformer_blocks
     from lightning_memopt.layers.checkpointing import SAVED_OPS
 

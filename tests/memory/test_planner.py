@@ -212,6 +212,31 @@ def test_7b_optimizer_state_reproduces_the_apollo_paper_table_3() -> None:
     assert estimated.optimizer_state == whole.optimizer_state_bytes + whole.projection_cache_bytes
 
 
+def test_hybrid_shards_within_a_node_only() -> None:
+    base = dict(optimizer="apollo_mini", precision="32-true", batch_size=1, seq_len=16)
+    hybrid = make_plan(PlanSettings(**base, devices=4, sharding="hybrid", nodes=2))
+    two = make_plan(PlanSettings(**base, devices=2))
+    four = make_plan(PlanSettings(**base, devices=4))
+    assert hybrid.mesh == (2, 2)
+    per_device = ("params", "grads", "optimizer_state", "fsdp_buffers")
+    assert [getattr(hybrid, k) for k in per_device] == [getattr(two, k) for k in per_device]
+    assert four.params < two.params and four.optimizer_state < two.optimizer_state
+
+
+def test_bf16_mixed_counts_autocasts_weight_copies() -> None:
+    mixed = make_plan(PlanSettings("adamw", precision="bf16-mixed", batch_size=1, seq_len=16))
+    true = make_plan(PlanSettings("adamw", precision="bf16-true", batch_size=1, seq_len=16))
+    # Every block matrix is used once in forward: its bf16 copy lives until backward.
+    with torch.device("meta"):
+        blocks = find_transformer_blocks(build_llama("tiny", **SHAPE))
+    block_matrices = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
+    assert mixed.activation_detail["autocast_weight_copies"] >= 2 * block_matrices
+    assert true.activation_detail["autocast_weight_copies"] == 0
+    assert any("autocast" in note for note in mixed.notes)
+    assert true.params * 2 == mixed.params  # bf16-true holds bf16 weights, bf16-mixed fp32 ones
+
+
+@pytest.mark.slow
 def test_70b_plans_in_seconds_on_a_hybrid_mesh() -> None:
     with torch.device("meta"):
         model = build_llama("70b")
@@ -289,3 +314,41 @@ def _sharded_check(rank: int, world_size: int, optimizer: str) -> None:
 @pytest.mark.parametrize("optimizer", ["adamw", "apollo_mini"])
 def test_sharded_params_grads_and_state_are_exact_on_two_ranks(run_ranks: object, optimizer: str) -> None:
     run_ranks(_sharded_check, optimizer, world_size=2)
+
+
+@pytest.mark.slow
+def test_uneven_shards_are_exact_on_three_ranks(run_ranks: object) -> None:
+    # 2048 vocabulary rows, 688 MLP rows, 256 hidden: none splits evenly in 3, so every
+    # parameter's shard is padded to ceil(rows / 3) rows, and APOLLO's moments are uneven too.
+    run_ranks(_sharded_check, "apollo_mini", world_size=3)
+
+
+def _hybrid_check(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    settings = PlanSettings(
+        "apollo_mini", precision="32-true", devices=4, sharding="hybrid", nodes=2, batch_size=BATCH, seq_len=SEQ
+    )
+    torch.manual_seed(0)
+    model = build_llama("tiny", **SHAPE)
+    mesh = init_device_mesh("cpu", settings.mesh(), mesh_dim_names=("replicate", "shard"))
+    for block in find_transformer_blocks(model):  # HSDP: shard within a "node", replicate across
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = create_optimizer("apollo_mini", model, None, lr=1e-3)
+    ids = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(rank))
+    own_loss(model, ids).backward()
+    real_grads = breakdown(model).grads_bytes
+    opt.step()
+    real = breakdown(model, opt, grads=False)
+    sizes = torch.tensor([real.params_bytes, real_grads, real.optimizer_state_bytes])
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    estimated = make_plan(settings)
+    assert [estimated.params, estimated.grads, estimated.optimizer_state] == sizes.tolist()
+
+
+@pytest.mark.slow
+def test_hybrid_mesh_is_exact_on_four_ranks(run_ranks: object) -> None:
+    run_ranks(_hybrid_check, world_size=4)

@@ -230,7 +230,8 @@ class ActivationCount:
 
     ``saved`` is everything (each storage once); ``per_block`` what each transformer block
     added; ``head`` what came after the last block (final norm, logits, loss);
-    ``largest``: the largest tensor a block saves (its gradient is the largest of the block's backward).
+    ``largest``: the largest tensor a block saves (its gradient is the largest of the block's backward);
+    ``weight_casts``: of ``saved``, autocast's low-precision copies of weight matrices.
 
     Example:
         >>> ActivationCount(saved=10, per_block=[4, 4], head=2).embeddings
@@ -241,6 +242,7 @@ class ActivationCount:
     per_block: list[int] = field(default_factory=list)
     head: int = 0
     largest: int = 0
+    weight_casts: int = 0
 
     @property
     def embeddings(self) -> int:
@@ -300,11 +302,15 @@ def count_activations(
     tensors = _fake_copy(model, mode, dtype)
     held = {t.untyped_storage()._cdata for t in tensors.values()}
     saved: dict[int, int] = {}
-    in_block, largest = [False], [0]
+    in_block, largest, weight_casts = [False], [0], [0]
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in held:
+            # autocast's low-precision copy of a weight, saved for backward like an activation.
+            if storage._cdata not in saved and tensor.dtype == autocast_dtype and tuple(tensor.shape) in weight_shapes:
+                weight_casts[0] += storage.nbytes()
             saved.setdefault(storage._cdata, storage.nbytes())
             if in_block[0]:
                 largest[0] = max(largest[0], storage.nbytes())
@@ -348,7 +354,9 @@ def count_activations(
     total = sum(saved.values())
     per_block = [marks[i + 1] - marks[i] for i in range(0, len(marks) - 1, 2)]
     head = total - marks[-1] if marks else 0
-    return ActivationCount(saved=total, per_block=per_block, head=head, largest=largest[0])
+    return ActivationCount(
+        saved=total, per_block=per_block, head=head, largest=largest[0], weight_casts=weight_casts[0]
+    )
 
 
 class _KeepOutputs(TorchDispatchMode):
@@ -650,7 +658,13 @@ def plan(
         "embeddings": counted.embeddings,
         "head_and_loss": counted.head,
         "backward_peak": activations - counted.saved,
+        "autocast_weight_copies": counted.weight_casts,
     }
+    if counted.weight_casts:
+        notes.append(
+            f"{counted.weight_casts / 2**30:.2f} GiB of the activations are bf16 copies of the weights that "
+            "torch.autocast (bf16-mixed) keeps from forward to backward; bf16-true has none."
+        )
     if settings.layerwise:
         total = params + buffers + state + fsdp + activations + grads + temporaries
     else:
