@@ -111,6 +111,24 @@ def test_a_leftover_does_not_confuse_lightnings_checkpoint_lookups(tmp_path: Pat
     assert callback._find_last_checkpoints(trainer) == {str(tmp_path / "last.ckpt")}
 
 
+def test_lightning_cli_enables_it_by_name_for_any_strategy() -> None:
+    """``--trainer.plugins=lightning_memopt.strategies.AtomicCheckpointIO`` (or the same under
+    ``trainer.plugins`` in YAML) gives the default single-device strategy crash-safe saves;
+    ``apollo_fsdp`` has them by default."""
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def strategy(*args: str):
+        base = ["--trainer.accelerator=cpu", "--trainer.logger=false"]
+        return LightningCLI(BoringModel, run=False, args=[*base, *args], save_config_callback=None).trainer.strategy
+
+    single = strategy("--trainer.plugins=lightning_memopt.strategies.AtomicCheckpointIO")
+    assert type(single).__name__ == "SingleDeviceStrategy" and isinstance(single.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(
+        strategy("--trainer.strategy=apollo_fsdp", "--trainer.devices=2").checkpoint_io, AtomicCheckpointIO
+    )
+
+
 # ---------------------------------------------------------------------- killed saves
 def _run_child(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(CHILD.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
