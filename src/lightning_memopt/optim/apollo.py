@@ -974,18 +974,16 @@ class APOLLO(torch.optim.Optimizer):
         if not state:
             rank = self.effective_rank(group, param.shape)
             return (m, rank) if m >= n else (rank, n)
-        shape = tuple(state["exp_avg"].shape)
-        tall = m >= n
-        fits = (
-            len(shape) == 2
-            and shape == tuple(state["exp_avg_sq"].shape)
-            and (shape[0] == m if tall else shape[1] == n)
-            and 1 <= (shape[1] if tall else shape[0]) <= min(m, n)
-        )
-        if not fits:
-            expected = (m, self.effective_rank(group, param.shape)) if tall else (self.effective_rank(group, (m, n)), n)
-            raise ValueError(_misfit_message(self, param, "exp_avg", shape, expected))
-        return shape  # type: ignore[return-value]
+        shape = state["exp_avg"].shape
+        if m >= n:  # m x r, 1 <= r <= n
+            fits = len(shape) == 2 and shape[0] == m and 0 < shape[1] <= n
+        else:  # r x n, 1 <= r <= m
+            fits = len(shape) == 2 and shape[1] == n and 0 < shape[0] <= m
+        if not fits or state["exp_avg_sq"].shape != shape:
+            rank = self.effective_rank(group, (m, n))
+            expected = (m, rank) if m >= n else (rank, n)
+            raise ValueError(_misfit_message(self, param, "exp_avg", tuple(shape), expected))
+        return tuple(shape)  # type: ignore[return-value]
 
     def _low_rank_chunks(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[list[int]]:
         """``params`` (indices) in chunks whose projected gradients fit one workspace buffer."""
@@ -1050,13 +1048,6 @@ class APOLLO(torch.optim.Optimizer):
         """``out = R``, the projection of ``grad`` (see :func:`.project_gradient`), through the
         workspace: no temporary is allocated on the CPU, whatever the projection dtype."""
         tall = grad.shape[0] >= grad.shape[1]
-        expected = (grad.shape[0], proj.shape[0]) if tall else (proj.shape[1], grad.shape[1])
-        if tuple(out.shape) != expected:
-            # An out= of another shape would be resized inside the workspace buffer, over its
-            # neighbours (see _moment_shape, which keeps this from happening).
-            raise RuntimeError(
-                f"APOLLO: a projected gradient of shape {expected} does not fit its {tuple(out.shape)} buffer."
-            )
         if grad.dtype != proj.dtype:
             (work,) = self._workspace.take("grad_in_projection_dtype", [grad.shape], proj.dtype, grad.device)
             grad = work.copy_(grad)
@@ -1187,13 +1178,6 @@ class APOLLO(torch.optim.Optimizer):
         over the moments.
         """
         beta1, beta2 = group["betas"]
-        for r, st in zip(projected, states):
-            # torch's fused kernel writes out of bounds when the moments do not match R.
-            if _local(st["exp_avg"]).shape != r.shape or _local(st["exp_avg_sq"]).shape != r.shape:
-                raise RuntimeError(
-                    f"APOLLO: Adam moments of shape {tuple(_local(st['exp_avg']).shape)} do not match the "
-                    f"projected gradient's {tuple(r.shape)}."
-                )
         if normalized is None:
             normalized = [torch.zeros_like(r) for r in projected]
         else:
