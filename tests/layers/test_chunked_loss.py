@@ -177,3 +177,22 @@ def test_use_chunked_loss_refusals():
     model.config = LlamaConfig(final_logit_softcapping=30.0)  # a Gemma-2-style soft-capped head
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         use_chunked_loss(model)
+
+
+def test_use_chunked_loss_survives_accelerates_mixed_precision_wrap_and_unwrap():
+    """accelerate wraps model.forward for autocast and, unwrapping, follows ``__wrapped__``
+    chains: the objective must stay installed (the Trainer with bf16=True does both)."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32, extract_model_from_parallel
+
+    from lightning_memopt.layers import use_chunked_loss
+
+    model = use_chunked_loss(tiny_llama(), chunk_size=4)
+    model._original_forward = model.forward  # what Accelerator.prepare_model does under native AMP
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast), model)
+    ids = torch.randint(0, 61, (1, 7))
+    assert model(input_ids=ids, labels=ids).logits is None
+    unwrapped = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    assert unwrapped(input_ids=ids, labels=ids).logits is None

@@ -22,7 +22,7 @@ Pieces:
   hidden states of some blocks.
 
 The objective is installed as an instance attribute ``forward`` that wraps the class's (or an
-earlier instance) forward, with the same signature (``inspect.signature`` follows it, so the
+earlier instance) forward, with the same signature (``inspect.signature`` reports it, so the
 Trainer's column filtering and ``num_items_in_batch`` detection are unchanged). It is removed
 when the last piece is. The parts of the latest training forward are in
 :func:`last_loss_parts`; :class:`lightning_memopt.hf.LayerMetricsCallback` logs them.
@@ -49,7 +49,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -221,14 +220,18 @@ def _install(model: nn.Module) -> TrainingObjective:
         model.__dict__[_ATTRIBUTE] = objective
         wrapped = getattr(objective.previous_forward, "__func__", None) or type(model).forward
 
-        # A fresh function per model whose __wrapped__ is the unbound original: bound to the
-        # model, inspect.signature(model.forward) is the original's (the Trainer reads it to drop
-        # dataset columns and to pass num_items_in_batch). A bound method, not a closure over
-        # the model, so that deepcopy rebinds it to the copy.
+        # A fresh function per model carrying the original's signature (``__signature__``, not
+        # ``__wrapped__``: accelerate's unwrap_model follows ``__wrapped__`` chains and would
+        # bind the bare class forward, dropping the objective). Bound to the model,
+        # inspect.signature(model.forward) is the original's: the Trainer reads it to drop dataset
+        # columns and to pass num_items_in_batch. A bound method, not a closure over the model,
+        # so that deepcopy rebinds it to the copy.
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             return _objective_forward(self, *args, **kwargs)
 
-        functools.update_wrapper(forward, wrapped)
+        forward.__signature__ = inspect.signature(wrapped)  # type: ignore[attr-defined]
+        for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(forward, attribute, getattr(wrapped, attribute, getattr(forward, attribute)))
         model.__dict__["forward"] = types.MethodType(forward, model)
     return objective
 
