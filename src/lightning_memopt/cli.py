@@ -715,9 +715,15 @@ def print_summary(trainer: Any, model: Any, datamodule: Any, seconds: float) -> 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    for label, text in summary_lines(trainer, model, datamodule, seconds):
-        grid.add_row(label, text)
+    rows = summary_lines(trainer, model, datamodule, seconds)
+    for label, text in rows:
+        if label != "resume":
+            grid.add_row(label, text)
     Console().print(Panel(grid, title="lightning-memopt: fit finished", expand=False))
+    for label, text in rows:
+        if label == "resume":
+            # Outside the panel and unwrapped, so that it copies as one command.
+            print(f"To resume or train on: {text}", flush=True)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> MemoptCLI:
