@@ -7,6 +7,12 @@ registration is in :mod:`.registration`, the layer-wise mode in :mod:`.layerwise
 fallback, which needs no registration: ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
 "apollo", model, "rank=128", args=args))``.
 
+Beyond optimizers: :class:`LayerMetricsCallback` logs what the layers report (MoE router
+losses, objective parts such as per-exit losses, INT8 facts), :func:`check_trainer_setup`
+refuses combinations that cannot work (INT8 weights or the chunked loss with FSDP), and
+``python -m lightning_memopt.hf SCRIPT.py [ARGS...]`` (:mod:`.__main__`) runs an unmodified
+training script with our names registered.
+
 This package must stay cheap to import (``import lightning_memopt`` imports it): modules that
 import transformers at module level are loaded lazily through ``__getattr__`` below.
 
