@@ -196,3 +196,29 @@ def test_use_chunked_loss_survives_accelerates_mixed_precision_wrap_and_unwrap()
     assert model(input_ids=ids, labels=ids).logits is None
     unwrapped = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     assert unwrapped(input_ids=ids, labels=ids).logits is None
+
+
+def test_use_chunked_loss_training_step_never_holds_the_full_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_memopt.layers import use_chunked_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 8000, (4, 128))
+    logits_bytes = 4 * 128 * 8000 * 4
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazily created buffers are not part of the comparison
+    full = _peak_bytes(step)
+    use_chunked_loss(model, chunk_size=64)
+    step()
+    chunked = _peak_bytes(step)
+    assert full >= 2 * logits_bytes
+    assert chunked < full / 3, (chunked, full)
