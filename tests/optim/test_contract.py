@@ -504,6 +504,19 @@ def test_an_amsgrad_adamw_state_dict_is_refused():
     assert not optimizer.state
 
 
+def test_another_optimizers_state_dict_is_refused_by_its_keys():
+    model = Net()
+    groups = apollo_param_groups(model, rank=3)
+    sgd = torch.optim.SGD([{"params": g["params"]} for g in groups], lr=1e-2, momentum=0.9)
+    train(model, sgd, data(1))
+    optimizer = APOLLO(apollo_param_groups(model, rank=3), lr=1e-3)
+    with pytest.raises(
+        ValueError, match=r"parameter 0 \(shape \(10, 6\), low-rank, rank 3\).*holds \['momentum_buffer'\]"
+    ):
+        optimizer.load_state_dict(sgd.state_dict())
+    assert not optimizer.state and optimizer.param_groups[0]["lr"] == 1e-3
+
+
 # ----------------------------------------------------------------------------- copy and pickle
 def _options(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     opt = inner(optimizer)
@@ -775,6 +788,21 @@ def test_strided_adamw_group_matches_torch_adamw(kind):
     for p, q in zip(ours, theirs):
         assert not p.is_contiguous()
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_strided_8bit_adamw_steps_as_contiguous():
+    pytest.importorskip("bitsandbytes")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(100, 80, generator=generator)  # >= 4096 elements: 8-bit moments
+    contiguous, strided = nn.Parameter(weight.clone()), nn.Parameter(_strided(weight.clone()))
+    optimizers = [APOLLO([{"params": [p], "low_rank": False}], lr=1e-2, adamw_8bit=True) for p in (contiguous, strided)]
+    for _ in range(3):
+        grad = torch.randn(100, 80, generator=generator)
+        contiguous.grad, strided.grad = grad.clone(), grad.clone()  # a strided parameter, a contiguous gradient
+        for optimizer in optimizers:
+            optimizer.step()
+    assert optimizers[1].uses_8bit_state(strided) and not strided.is_contiguous()
+    assert torch.equal(strided, contiguous)
 
 
 # ----------------------------------------------------------------------------- odd shapes and types

@@ -451,8 +451,8 @@ class APOLLO(torch.optim.Optimizer):
                     f"APOLLO: cannot load this state dict: its param group {i} has {len(saved['params'])} "
                     f"parameters, the optimizer's {len(group['params'])}. {_LOAD_FIX}"
                 )
-        # A torch Adam/AdamW state dict: its groups have none of APOLLO's keys.
-        foreign = all("low_rank" not in g and "rank" not in g for g in saved_groups)
+        # A torch Adam/AdamW state dict: its groups have Adam's betas but none of APOLLO's keys.
+        foreign = all("low_rank" not in g and "rank" not in g and "betas" in g for g in saved_groups)
         groups, first_index = [], 0
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             # Keys the saved group lacks (saved before they existed, or by AdamW) keep the values this
@@ -487,7 +487,7 @@ class APOLLO(torch.optim.Optimizer):
                     )
                 entry = {k: _as_state_tensor(k, v, label) for k, v in entry.items()}
                 low_rank = self.is_low_rank(merged, param)
-                if foreign and low_rank and entry:
+                if foreign and low_rank and set(entry) == _ADAMW_KEYS:
                     # AdamW's moments of a matrix are m x n; APOLLO's are m x r: start it afresh.
                     dropped.append(label)
                     state.pop(saved_id)
