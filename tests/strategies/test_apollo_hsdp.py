@@ -41,6 +41,21 @@ def test_apollo_hsdp_is_registered_with_lightnings_argument_names() -> None:
 
 
 @pytest.mark.parametrize(
+    "first_import",
+    ["from lightning_memopt.strategies import ApolloFSDPStrategy", "import lightning_memopt.strategies.apollo_fsdp"],
+)
+def test_importing_the_strategy_first_registers_the_names(first_import: str) -> None:
+    """The strategy module imports Lightning, whose import runs the registration hook while the
+    module is half-imported: that used to fail with a circular ImportError."""
+    code = (
+        f"{first_import}\n"
+        "from lightning.pytorch.strategies import StrategyRegistry\n"
+        "assert {'apollo_fsdp', 'apollo_hsdp'} <= set(StrategyRegistry), list(StrategyRegistry)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"sharding_strategy": "ZERO3"}, "sharding_strategy='ZERO3' is not supported; use 'FULL_SHARD'"),

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from lightning_memopt._after_import import call_after_import
@@ -47,6 +48,11 @@ def __getattr__(name: str) -> Any:
 
 
 def _register() -> None:
+    module = sys.modules.get(f"{__name__}.apollo_fsdp")
+    if module is not None and not hasattr(module, "register_strategies"):
+        # apollo_fsdp is being imported and has just imported Lightning (which runs this hook):
+        # it registers the names itself once it is complete.
+        return
     from .apollo_fsdp import register_strategies
 
     register_strategies()

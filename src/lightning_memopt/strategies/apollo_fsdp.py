@@ -640,3 +640,9 @@ def register_strategies() -> None:
         True
     """
     ApolloFSDPStrategy.register_strategies(StrategyRegistry)
+
+
+# When this module is the first to import Lightning (``from lightning_memopt.strategies import
+# ApolloFSDPStrategy`` in a fresh interpreter), the registration hook finds it half-imported and
+# leaves the names to this line.
+register_strategies()
