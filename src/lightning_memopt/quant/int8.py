@@ -824,7 +824,13 @@ def load_int8_pretrained(model_or_class: Any, folder: Any, **from_pretrained_kwa
 
         # from_pretrained reports the INT8 weights as missing and their flat parts as unexpected:
         # both are expected here, loaded below.
-        loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+        # (and the tensor-parallel plan check names the flat INT8 parts as layers it did not shard).
+        names = (
+            "transformers.modeling_utils",
+            "transformers.utils.loading_report",
+            "transformers.distributed.tensor_parallel",
+        )
+        loggers = [logging.getLogger(n) for n in names]
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.ERROR)
