@@ -26,7 +26,7 @@ length, precision, INT8 weights, layer-wise updates, activation checkpointing, c
   of at most 2**21 projected elements (two such buffers); a layer-wise step handles one
   parameter at a time. An estimate, not a count.
 - **FSDP buffers** (sharded runs): one block's parameters all-gathered (and the next one
-  prefetched) in the compute dtype, and one block's unsharded fp32 gradients before the
+  prefetched) in the parameters' dtype, and one block's unsharded gradients before the
   reduce-scatter.
 
 The peak (``total``) is the parameters, optimizer state (projection cache included) and FSDP
@@ -612,8 +612,10 @@ def plan(
     grads = grads_max if settings.layerwise else grads_sum
     temporaries = _step_temporaries(est, shard, settings.layerwise, itemsizes)
     vocab, hidden = _head_shape(model)
-    param_bytes_per_block = _block_numel(blocks, model) * compute_itemsize
-    fsdp = 2 * param_bytes_per_block + _block_numel(blocks, model) * 4 if shard > 1 else 0
+    # Gathered in the parameters' own dtype (bf16-mixed is autocast: fp32 weights, cast per op).
+    param_bytes_per_block = _block_numel(blocks, model) * (2 if true_dtype is not None else 4)
+    # Two blocks gathered (the current one and the prefetched next), one block's unsharded gradients.
+    fsdp = 3 * param_bytes_per_block if shard > 1 else 0
 
     # Activations: the plain forward (the per-block figure a checkpointed block recomputes), the
     # baseline's (fp32, full logits), then the run's own, checkpointed as asked.
