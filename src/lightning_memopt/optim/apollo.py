@@ -105,7 +105,7 @@ _LOAD_FIX = (
     "same low-rank groups, ranks and adamw_8bit), or skip load_state_dict to start the optimizer state afresh."
 )
 # Attributes rebuilt on demand, never copied or pickled (see APOLLO.__getstate__).
-_TRANSIENT_ATTRIBUTES = ("_workspace", "_projection_cache", "_quantization_maps", "_exact_state")
+_TRANSIENT_ATTRIBUTES = ("_workspace", "_projection_cache", "_quantization_maps")
 # What ``projection_dtype`` accepts, by name (YAML and option strings give names).
 PROJECTION_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -457,9 +457,8 @@ class APOLLO(torch.optim.Optimizer):
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             # Keys the saved group lacks (saved before they existed, or by AdamW) keep the values this
             # optimizer was built with: its constructor's defaults unless the group set them.
+            # (param_names too, as torch keeps the optimizer's names when the saved groups have none.)
             merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
-            if "param_names" not in saved:
-                merged.pop("param_names", None)
             if isinstance(merged.get("betas"), list):
                 merged["betas"] = tuple(merged["betas"])
             where = f"param group {i} of the state dict"
