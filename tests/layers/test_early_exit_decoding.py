@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_memopt.layers import (
     add_early_exits,
+    early_exit_forward,
     early_exit_generate,
     early_exit_loss,
     self_speculative_generate,
@@ -156,6 +157,10 @@ def test_confidence_exit_full_depth_is_greedy_and_reports_speed() -> None:
     assert torch.equal(first.sequences, greedy(same, prompt, 10)) and (first.exit_layers == 0).all()
     second = early_exit_generate(model, prompt, 10, threshold=0.0, exit_layers=[1])
     assert (second.exit_layers == 1).all()
+    # Teacher forced, the same subset of exits: exactly the generated tokens.
+    forced = early_exit_forward(model, second.sequences, threshold=0.0, exit_layers=[1])
+    assert (forced.exit_layers == 1).all()
+    assert torch.equal(forced.logits[:, prompt.shape[1] - 1 : -1].argmax(-1), second.sequences[:, prompt.shape[1] :])
 
 
 def test_old_import_path_still_works() -> None:
@@ -191,6 +196,8 @@ def test_bad_confidence_exit_input_raises() -> None:
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"exit_layers=\[1\] names \[1\], which are not exits.*\[0, 2\]"):
         early_exit_generate(model, ids, 4, threshold=0.5, exit_layers=[1])
+    with pytest.raises(ValueError, match=r"early_exit_forward: exit_layers=\[3\] names \[3\]"):
+        early_exit_forward(model, ids, threshold=0.5, exit_layers=[3])
     with pytest.raises(ValueError, match="padded batches"):
         early_exit_generate(model, ids, 4, threshold=0.5, attention_mask=torch.tensor([[1, 1, 0, 0]]))
     with pytest.raises(ValueError, match="no early exits"):

@@ -653,8 +653,13 @@ def early_exit_forward(
     threshold: float,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    *,
+    exit_layers: Sequence[int] | None = None,
 ) -> EarlyExitForwardOutput:
     """Per-token confidence-based exit over a whole sequence (teacher forcing).
+
+    ``exit_layers`` restricts the exits tried to a subset of the model's (default: all), as
+    :func:`early_exit_generate` does.
 
     Each token takes the prediction of the first exit whose top softmax probability is at
     least ``threshold``, else the final layer's. ``threshold >= 1`` never exits (the full
@@ -674,6 +679,13 @@ def early_exit_forward(
         (True, 0.0)
     """
     exits = _require_exits(model, "early_exit_forward")
+    tried = exits.exit_layers if exit_layers is None else tuple(exit_layers)
+    unknown = [layer for layer in tried if layer not in exits.exit_layers]
+    if unknown:
+        raise ValueError(
+            f"early_exit_forward: exit_layers={list(tried)} names {unknown}, which are not exits of the model; "
+            f"its exits are {list(exits.exit_layers)}."
+        )
     with exits.capture() as captured:
         output = model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = dict(captured)
@@ -682,7 +694,7 @@ def early_exit_forward(
     exit_layers = torch.full(input_ids.shape, final, dtype=torch.long, device=input_ids.device)
     if not _never_exits(threshold):
         running = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        for layer in exits.exit_layers:
+        for layer in sorted(tried):
             if not running.any():
                 break
             exit_logits = exits.heads[layer](hidden[layer][running]).to(logits.dtype)
