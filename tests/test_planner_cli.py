@@ -32,6 +32,11 @@ def test_table_json_and_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert per_device["params"] == baseline["params"] and per_device["grads"] == baseline["grads"]
     assert 0 < per_device["optimizer_state"] - baseline["optimizer_state"] < 4 * 100
     assert document["fits"] is True
+    # Too small a GPU: the verdict says so, by how much, and what to try.
+    assert planner_cli.main(["--model", "tiny", *SMALL, "--gpu-memory", "100MB", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "does not fit" in printed and "--activation-checkpointing" in printed
+    assert json.loads(out.read_text())["fits"] is False
 
 
 def test_reads_a_model_folder_and_a_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,3 +81,12 @@ def test_console_script_dispatches_estimate() -> None:
     with pytest.raises(SystemExit) as bad:
         main(["estimate", "--model", "8b"])
     assert bad.value.code == 2
+
+
+def test_top_level_help_mentions_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_memopt.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    assert "lightning-memopt estimate --help" in capsys.readouterr().out
