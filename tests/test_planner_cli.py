@@ -83,9 +83,10 @@ def test_console_script_dispatches_estimate() -> None:
     assert bad.value.code == 2
 
 
-def test_top_level_help_mentions_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+def test_top_level_help_mentions_estimate(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_memopt.cli import main
 
+    monkeypatch.setattr(sys, "argv", ["lightning-memopt"])  # not pytest's own arguments
     with pytest.raises(SystemExit) as done:
         main(["--help"])
     assert done.value.code == 0
