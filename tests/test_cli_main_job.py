@@ -211,3 +211,30 @@ def test_registry_names_and_class_switch_defaults(capsys) -> None:
     assert json.loads(adamw.split("=", 1)[1])["class_path"] == "torch.optim.adamw.AdamW"
     unknown = ["--model.init_args.optimizer=apolo"]
     assert reset_on_class_switch(unknown) == unknown  # left for the model to refuse, listing the names
+
+
+@pytest.mark.parametrize("config", ["early_exit", "moe"])
+def test_predict_with_early_exits_and_moe(config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """predict runs the model the config's surgery made: early exits report each token's exit."""
+    monkeypatch.setenv("LIGHTNING_MEMOPT_CACHE", str(tmp_path / "cache"))
+    main(
+        [
+            "predict",
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            "--data.init_args.tokenizer=byte",
+            "--data.init_args.max_chars=20000",
+            "--data.init_args.seq_len=64",
+            "--data.init_args.num_prompts=2",
+            "--model.init_args.max_new_tokens=4",
+        ]
+    )
+    (path,) = (tmp_path / "lightning_logs").glob("**/predictions.jsonl")
+    rows = [json.loads(line) for line in path.open()]
+    assert len(rows) == 2 and all(0 <= r["new_tokens"] <= 4 for r in rows)
+    if config == "early_exit":
+        for row in rows:
+            assert len(row["exits"]) == row["new_tokens"] and all(0 <= e <= 3 for e in row["exits"])
+        assert "early exits:" in capsys.readouterr().out
+    else:
+        assert "exits" not in rows[0]

@@ -570,10 +570,14 @@ def write_predictions(trainer: Any, shown: int = 3) -> Path | None:
         >>> from lightning.pytorch import Trainer
         >>> write_predictions(Trainer(logger=False))  # doctest: +SKIP
     """
-    batches = trainer.predict_loop.predictions or []
-    if batches and isinstance(batches[0], list):  # several dataloaders
-        batches = [row for loader in batches for row in loader]
-    rows = [row for row in batches if isinstance(row, dict)]
+    rows: list[dict[str, Any]] = []
+    pending = list(trainer.predict_loop.predictions or [])  # per batch (per dataloader: a list)
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, list):
+            pending[:0] = item
+        elif isinstance(item, dict):
+            rows.append(item)
     if not rows:
         return None
     folder = Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else Path(".")

@@ -304,17 +304,21 @@ class TextDataModule(LightningDataModule):
 
     def _held_out_prompts(self) -> list[str]:
         # A whole line from each validation block (blocks start mid-text; the first full line
-        # reads as a prompt), cut at a word boundary: text the model never trained on.
+        # reads as a prompt), cut at a word boundary: text the model never trained on. Blocks
+        # too short to hold such a line give their own text instead.
         texts: list[str] = []
-        for ids in self.val_dataset[: 8 * self.num_prompts]["input_ids"]:
-            lines = self.tokenizer.decode(ids.tolist()).splitlines()[1:]
-            line = next((ln.strip() for ln in lines if len(ln.strip()) >= 24), "")
+        fallback: list[str] = []
+        blocks = self.val_dataset[: 50 * self.num_prompts]["input_ids"]
+        for ids in blocks:
+            text = self.tokenizer.decode(ids.tolist())
+            line = next((ln.strip() for ln in text.splitlines()[1:] if len(ln.strip()) >= 24), "")
             if line:
-                cut = line[:48].rsplit(" ", 1)[0] if len(line) > 48 else line
-                texts.append(cut)
+                texts.append(line[:48].rsplit(" ", 1)[0] if len(line) > 48 else line)
+            elif text.strip():
+                fallback.append(" ".join(text.split())[:48])
             if len(texts) == self.num_prompts:
-                break
-        return texts
+                return texts
+        return (texts + fallback)[: self.num_prompts]
 
     def predict_dataloader(self) -> DataLoader:
         """One prompt per batch: ``{"prompt": str, "input_ids": 1 x length}`` (no padding)."""

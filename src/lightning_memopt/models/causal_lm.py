@@ -405,26 +405,33 @@ class CausalLM(LightningModule):
         self.log("test/loss", loss, sync_dist=True)
         return loss
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Continue one prompt (a batch of ``predict_dataloader``): the prompt, the generated
-        text and token counts, and for a model with early exits the exit of every new token."""
-        from lightning_memopt.layers import get_early_exits
-
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | list[dict[str, Any]]:
+        """Continue the prompt of a batch of ``predict_dataloader`` (one dict: the prompt, the
+        generated text and token counts, and for a model with early exits the exit of every new
+        token); a batch of several unpadded rows (e.g. validation blocks) gives one dict per row."""
         input_ids = batch["input_ids"]
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        prompts = batch.get("prompt")
+        rows = [self._generate(row[None], prompts if input_ids.shape[0] == 1 else None) for row in input_ids]
+        return rows[0] if len(rows) == 1 else rows
+
+    def _generate(self, input_ids: torch.Tensor, prompt: str | None) -> dict[str, Any]:
+        from lightning_memopt.layers import early_exit_generate, get_early_exits
+
         if self.model is None:
             raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
         eos = getattr(tokenizer, "eos_token_id", None)
-        result: dict[str, Any] = {"prompt": batch.get("prompt")}
+        if prompt is None and tokenizer is not None:
+            prompt = tokenizer.decode(input_ids[0].tolist())
+        result: dict[str, Any] = {"prompt": prompt}
         if get_early_exits(self.model) is not None:
-            from lightning_memopt.layers import early_exit_generate
-
             out = early_exit_generate(self.model, input_ids, self.max_new_tokens, self.exit_threshold, eos)
             sequences = out.sequences
             exits = [int(e) for e in out.exit_layers[0].tolist() if e >= 0]
-            result.update(exits=exits, mean_blocks=round(sum(e + 1 for e in exits) / max(len(exits), 1), 3))
+            result["exits"] = exits
         else:
             sampling = self.temperature > 0
             options: dict[str, Any] = {"do_sample": sampling}
@@ -442,7 +449,8 @@ class CausalLM(LightningModule):
         if eos is not None and eos in new:
             new = new[: new.index(eos)]
         if "exits" in result:
-            result["exits"] = result["exits"][: len(new)]
+            exits = result["exits"][: len(new)]
+            result.update(exits=exits, mean_blocks=round(sum(e + 1 for e in exits) / max(len(exits), 1), 3))
         result.update(
             text=tokenizer.decode(new) if tokenizer is not None else None,
             prompt_tokens=int(input_ids.shape[1]),
