@@ -161,6 +161,10 @@ def quiet_known_noise() -> None:
     if not any(isinstance(f, _DropMessages) for f in bnb.filters):
         bnb.addFilter(_DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A bare name that is not a class (a typo such as `optimizer=APOLO`) reaches the model,
+    # which refuses it in one line listing the valid names; jsonargparse's warning before it
+    # ("Unable to serialize instance APOLO") only repeats the name.
+    warnings.filterwarnings("ignore", message=r"\s*Unable to serialize instance [A-Za-z_][\w.]*\s*$")
     # On resume and predict: every run has a folder of its own, so the ModelCheckpoint's
     # folder always "changes"; what it then skips (its top-k bookkeeping) does not matter here.
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
@@ -432,6 +436,14 @@ class MemoptCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_automatic_optimizer(config)
         config["trainer.callbacks"] = dedupe_our_callbacks(config.get("trainer.callbacks"))
+        # A registry name given in a YAML file (the command line's are rewritten before parsing):
+        # its class with the registry's defaults, so that the saved config.yaml names a class.
+        name = config.get("model.init_args.optimizer")
+        spec = _registry_spec(name) if isinstance(name, str) else None
+        if spec is not None:
+            config["model.init_args.optimizer"] = Namespace(
+                class_path=spec["class_path"], init_args=Namespace(**spec["init_args"])
+            )
         if "MemoryProfiler" in self.missing_classes and self.subcommand == "fit":
             rank_zero_info("lightning-memopt: MemoryProfiler is not available in this install; no memory report.")
 
