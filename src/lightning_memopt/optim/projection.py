@@ -21,24 +21,22 @@ import math
 
 import torch
 
-# Odd 64-bit constant (golden-ratio increment of splitmix64): spreads consecutive
-# windows of one parameter, and consecutive parameters, over unrelated generator seeds.
-_GOLDEN = 0x9E3779B97F4A7C15
+from .._rng import GOLDEN_GAMMA, MASK64, splitmix64
+
 _MASK63 = (1 << 63) - 1
 
 
 def projection_seed(seed: int, window: int) -> int:
     """Mix a parameter's seed with its window index into one generator seed.
 
+    The golden-ratio multiple spreads consecutive parameters' seeds apart; splitmix64 makes
+    nearby ``(seed, window)`` pairs give unrelated generator seeds.
+
     Example:
         >>> projection_seed(1, 0) != projection_seed(1, 1)
         True
     """
-    x = (seed * _GOLDEN + window + 1) & ((1 << 64) - 1)
-    # splitmix64 finaliser: nearby inputs give unrelated outputs.
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (x ^ (x >> 31)) & _MASK63
+    return splitmix64((seed * GOLDEN_GAMMA + window + 1) & MASK64) & _MASK63
 
 
 def gaussian_projection(

@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .._rng import GOLDEN_GAMMA, MASK64, splitmix64
 from ..optim.param_groups import TargetModules, select_low_rank_modules
 from ..optim.sharding import is_dtensor
 
@@ -105,7 +106,6 @@ DEFAULT_GROUP_SIZE = 128
 QMAX = 127
 # Smallest scale: an all-zero group quantizes to zeros instead of dividing by zero.
 _MIN_SCALE = 1e-12
-_MASK64 = (1 << 64) - 1
 aten = torch.ops.aten
 
 
@@ -207,10 +207,7 @@ def dequantize_int8(
 
 def _mix_seed(seed: int, counter: int) -> int:
     """A 63-bit generator seed from (seed, counter): splitmix64 of their combination."""
-    z = (seed * 0x9E3779B97F4A7C15 + counter + 0x632BE59BD9B4E019) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
+    return splitmix64((seed * GOLDEN_GAMMA + counter + 0x632BE59BD9B4E019) & MASK64) >> 1
 
 
 # ---------------------------------------------------------------------------- the tensor subclass
