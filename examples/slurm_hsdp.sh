@@ -2,6 +2,7 @@
 # HSDP pretraining on several nodes under SLURM: FSDP2 sharding inside each node, replication
 # across nodes (strategy apollo_hsdp), with shard-aware APOLLO and the memory report.
 #
+#   mkdir -p logs   # SLURM writes the job's output there (see --output below)
 #   sbatch --nodes=2 examples/slurm_hsdp.sh                       # 2 nodes x 8 GPUs
 #   sbatch --nodes=4 --export=ALL,GPUS_PER_NODE=4 examples/slurm_hsdp.sh
 #
@@ -14,10 +15,12 @@
 #   parameters, gradients and APOLLO's state are split over a node's GPUs, and only the gradient
 #   all-reduce crosses the network. Another layout: --trainer.strategy.device_mesh "[4, 4]" with
 #   --trainer.strategy=ApolloFSDPStrategy --trainer.strategy.sharding_strategy=HYBRID_SHARD.
-# - Checkpoints are crash-safe (written under NAME.tmp-<pid>, renamed when complete): when SLURM
-#   preempts or requeues the job, `--ckpt_path last` resumes from the newest complete checkpoint.
-#   --signal=SIGUSR1@120 gives Lightning's SLURMEnvironment (auto_requeue) two minutes to save and
-#   requeue the job before its time runs out.
+# - Requeue and resume: --signal=SIGUSR1@120 gives Lightning's SLURMEnvironment (auto_requeue) two
+#   minutes to save hpc_ckpt_N.ckpt in the working directory and requeue the job before its time
+#   runs out; the requeued job (no --ckpt_path given) resumes from the newest hpc_ckpt_N.ckpt by
+#   itself. Checkpoints are crash-safe (staged in a hidden .tmp-<pid>/ folder beside them and
+#   renamed when complete), so a job killed in the middle of a save (preempted, a node lost)
+#   resumes from the previous complete one. To continue another run, pass --ckpt_path PATH.
 # - The MemoryProfiler gathers every rank's figures to rank 0, which writes memory_report.json in the
 #   run's log folder (one entry per rank; node = rank // GPUS_PER_NODE).
 #
@@ -51,5 +54,4 @@ srun --ntasks-per-node="${GPUS_PER_NODE}" lightning-memopt fit \
     --model.init_args.model_name=1b \
     --model.init_args.optimizer.init_args.rank=512 \
     --model.init_args.optimizer.init_args.update_proj_gap=200 \
-    --ckpt_path=last \
     "$@"
