@@ -142,8 +142,8 @@ class MemoryTracker:
 
     Example:
         >>> tracker = MemoryTracker(interval=10, report_path=None, table=False)
-        >>> tracker.due(0), tracker.due(5), tracker.due(10)
-        (True, False, True)
+        >>> tracker.due(0), tracker.due(130), tracker.due(299, final=True)  # no record yet: 130 is the first
+        (True, True, True)
     """
 
     def __init__(
