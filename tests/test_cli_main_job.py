@@ -103,6 +103,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(run, tmp_path: Path) -> None:
 
     resumed = run(folder, "fit", "--config", str(first / "config.yaml"), "--ckpt_path", str(checkpoint))
     assert "not resumable" not in resumed.stderr  # the data stream continues, no repeated batches
+    assert "Resuming from step 4: the data stream continues with the next unseen batch" in resumed.stderr
     text = " ".join(resumed.stdout.split())
     assert "4 optimizer steps" in text and "resumed from step 4, now at 8" in text
     second = folder / "lightning_logs" / "version_1"

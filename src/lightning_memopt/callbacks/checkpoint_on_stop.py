@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 _SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 
@@ -106,6 +107,17 @@ class CheckpointOnStop(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start_step = trainer.global_step  # after a resume: the checkpoint's step
+        if self.start_step:
+            loader = getattr(trainer.fit_loop, "_combined_loader", None)
+            resumable = loader is not None and all(hasattr(dl, "load_state_dict") for dl in loader.flattened)
+            rank_zero_info(
+                f"Resuming from step {self.start_step}: "
+                + (
+                    "the data stream continues with the next unseen batch."
+                    if resumable
+                    else "the training data restarts its epoch (the dataloader keeps no state)."
+                )
+            )
         self._install_handlers()
 
     def on_train_batch_start(
