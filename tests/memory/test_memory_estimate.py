@@ -11,40 +11,36 @@ from torch import nn
 from lightning_memopt.memory import breakdown, estimate
 from lightning_memopt.optim import OptimizerSpec, create_optimizer, register_optimizer
 
-# The APOLLO paper's LLaMA shapes: hidden, intermediate, layers, heads; vocabulary 32000.
-PAPER_SHAPES = {
-    "60m": (512, 1376, 8, 8),
-    "130m": (768, 2048, 12, 12),
-    "350m": (1024, 2736, 24, 16),
-    "1b": (2048, 5461, 24, 32),
-    "7b": (4096, 11008, 32, 32),
-}
-VOCAB = 32000
+# The APOLLO paper's LLaMA sizes, with the shapes written once in models/llama.py (LLAMA_SIZES;
+# tests/models/test_llama_causal_lm.py checks them against the paper's table).
+PAPER_SIZES = ("60m", "130m", "350m", "1b", "7b")
 
 
 def meta_llama(size: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    hidden, inter, layers, heads = PAPER_SHAPES[size]
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        tie_word_embeddings=False,
-    )
+    pytest.importorskip("transformers")
+    from lightning_memopt.models.llama import build_llama
+
     with torch.device("meta"):
-        return transformers.LlamaForCausalLM(config)
+        return build_llama(size)  # vocabulary 32000, untied head, one key/value head per query head
+
+
+def shape(size: str) -> tuple[int, int, int]:
+    """hidden, intermediate, layers of a paper size."""
+    from lightning_memopt.models.llama import LLAMA_SIZES
+
+    fields = LLAMA_SIZES[size]
+    return fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
 
 
 def llama_numel(size: str) -> int:
-    h, i, n_layers, _ = PAPER_SHAPES[size]
+    from lightning_memopt.models.llama import PAPER_VOCAB_SIZE
+
+    h, i, n_layers = shape(size)
     # embed + lm_head, per layer q/k/v/o + gate/up/down + 2 norms, final norm
-    return 2 * VOCAB * h + n_layers * (4 * h * h + 3 * h * i + 2 * h) + h
+    return 2 * PAPER_VOCAB_SIZE * h + n_layers * (4 * h * h + 3 * h * i + 2 * h) + h
 
 
-@pytest.fixture(scope="module", params=list(PAPER_SHAPES))
+@pytest.fixture(scope="module", params=PAPER_SIZES)
 def paper_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
     return request.param, meta_llama(request.param)
 
@@ -74,7 +70,7 @@ def test_adamw_is_2mn_per_matrix(paper_model: tuple[str, nn.Module]) -> None:
 @pytest.mark.parametrize(("name", "rank"), [("apollo", 256), ("apollo_mini", 1)])
 def test_apollo_is_2nr_plus_2_per_matrix(paper_model: tuple[str, nn.Module], name: str, rank: int) -> None:
     size, model = paper_model
-    layers = PAPER_SHAPES[size][2]
+    layers = shape(size)[2]
     est = estimate(model, name)
     low_rank = [p for p in est.parameters if p.update == "low_rank"]
     assert len(low_rank) == 7 * layers  # q, k, v, o, gate, up, down of every block
@@ -129,11 +125,13 @@ def test_state_dtype_and_layerwise_grads() -> None:
 
 
 def test_unknown_state_layout_is_refused() -> None:
-    register_optimizer(OptimizerSpec("sgd_memory_test", lambda: torch.optim.SGD), overwrite=True)
+    register_optimizer(OptimizerSpec("adagrad_memory_test", lambda: torch.optim.Adagrad), overwrite=True)
     with torch.device("meta"):
         model = nn.Linear(4, 4)
-    with pytest.raises(ValueError, match="breakdown\\(model, optimizer\\) after one step"):
-        estimate(model, "sgd_memory_test")
+    with pytest.raises(ValueError, match=r"state_layout=.*breakdown\(model, optimizer\) after one step"):
+        estimate(model, "adagrad_memory_test")
+    with pytest.raises(ValueError, match="state_layout='adagrad' is not one the memory estimator knows"):
+        OptimizerSpec("adagrad_memory_test", lambda: torch.optim.Adagrad, state_layout="adagrad")
 
 
 class Blocks(nn.Module):

@@ -10,7 +10,8 @@ what the Trainer instantiates. Both routes go through it:
 
 What the Trainer gets, for every group:
 
-- ``learning_rate``, ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` of the arguments;
+- ``learning_rate``, ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` of the arguments (those
+  the optimizer's constructor takes: a registered SGD gets the learning rate and weight decay);
 - ``weight_decay`` on every weight, and ``0`` on biases and normalisation weights, the rule
   the Trainer applies to its built-in optimizers (HF's own ``apollo_adamw`` drops weight decay
   altogether);
@@ -40,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -50,9 +50,11 @@ from torch import nn
 
 from ..optim import apollo_param_groups, get_optimizer_spec, parse_options
 from ..optim.param_groups import TargetModules
+from ..optim.registry import hf_optimizer_names
 
-# The names the HF integration exposes through TrainingArguments(optim=...).
-HF_OPTIMIZER_NAMES = ("apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise")
+# The TrainingArguments(optim=...) names when lightning_memopt is imported (the built-ins), read
+# from the registry's hf_names; hf_optimizer_names() also sees names registered later.
+HF_OPTIMIZER_NAMES = tuple(hf_optimizer_names())
 
 # The Trainer's rule for parameters without weight decay (Trainer.get_decay_parameter_names,
 # transformers 5.23): LayerNorm modules, and names that say bias or norm.
@@ -246,11 +248,13 @@ def optimizer_cls_and_kwargs(
     if not spec.low_rank and target_modules is not None:
         raise ValueError(f"optimizer {name!r} has no low-rank update; target_modules does not apply to it.")
     resolved: dict[str, Any] = dict(spec.defaults)
+    option_types = spec.option_types()
     if args is not None:
         from .checks import check_trainer_setup
 
         check_trainer_setup(model, args)  # INT8 / chunked loss with FSDP: refused before training
-        resolved.update(training_arguments_options(args))
+        # Only the fields the optimizer takes: a registered SGD has no betas or eps.
+        resolved.update({k: v for k, v in training_arguments_options(args).items() if k in option_types})
         if target_modules is None and spec.low_rank:
             target_modules = getattr(args, "optim_target_modules", None)
     layerwise_options: dict[str, Any] = {}
@@ -270,20 +274,14 @@ def optimizer_cls_and_kwargs(
     low_rank_targets = resolve_target_modules(model, target_modules) if spec.low_rank else None
     weight_decay = resolved.pop("weight_decay", None)
     if weight_decay is None:
-        weight_decay = _default(spec.factory, "weight_decay")
+        weight_decay = spec.option_defaults().get("weight_decay")
     groups = param_groups(model, name, target_modules=low_rank_targets, weight_decay=weight_decay)
-    kwargs = {**resolved, "weight_decay": weight_decay}
+    kwargs = {**resolved, "weight_decay": weight_decay} if "weight_decay" in option_types else resolved
     if spec.layerwise:
         from .layerwise import layerwise_optimizer_cls_and_kwargs
 
         return layerwise_optimizer_cls_and_kwargs(spec, groups, kwargs, layerwise_options, args=args)
     return spec.factory, {"params": groups, **kwargs}
-
-
-def _default(factory: Any, option: str) -> Any:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    parameter = inspect.signature(target).parameters.get(option)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def build_optimizer(

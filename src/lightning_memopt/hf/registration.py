@@ -9,7 +9,10 @@ dict ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` (enum member -> hand
 
 - :func:`register` adds the members ``APOLLO = "apollo"``, ``APOLLO_MINI``,
   ``APOLLO_LAYERWISE`` and ``APOLLO_MINI_LAYERWISE`` to the enum and one handler per member to
-  the table, once: calling it again changes nothing.
+  the table, once: calling it again changes nothing. The names are the registry's
+  ``OptimizerSpec.hf_names`` (:func:`lightning_memopt.optim.registry.hf_optimizer_names`); a
+  name registered later with ``register_optimizer(OptimizerSpec(..., hf_names=(...)))`` is added
+  to transformers at once when the names are already registered there.
 - It checks the internals first and raises :class:`TransformersInternalsChanged` (an
   ``ImportError``) naming the installed transformers version when they moved, or when
   transformers defines one of our names itself. The public fallback
@@ -45,7 +48,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .._after_import import call_after_import
-from .optimizers import HF_OPTIMIZER_NAMES, optimizer_cls_and_kwargs
+from ..optim.registry import OptimizerSpec, hf_optimizer_names, on_register
+from .optimizers import optimizer_cls_and_kwargs
 
 TRAINING_ARGS_MODULE = "transformers.training_args"
 HANDLERS_MODULE = "transformers.trainer_optimizer"
@@ -54,6 +58,8 @@ ENV_SWITCH = "LIGHTNING_MEMOPT_HF_REGISTRATION"
 # Marks enum members and handlers as ours (survives a reload of this module).
 _MARK = "_lightning_memopt_"
 _lock = threading.RLock()
+# Which of register_names / register_handlers have run: a later registry entry is mirrored there.
+_done: set[str] = set()
 
 
 class TransformersInternalsChanged(ImportError):
@@ -71,7 +77,7 @@ def _transformers_version() -> str:
 
 def _internals_changed(what: str) -> TransformersInternalsChanged:
     return TransformersInternalsChanged(
-        f"lightning_memopt cannot register its optimizer names ({', '.join(HF_OPTIMIZER_NAMES)}) with "
+        f"lightning_memopt cannot register its optimizer names ({', '.join(hf_optimizer_names())}) with "
         f"transformers {_transformers_version()}: {what}. It was written against transformers 5.23. "
         "Use the public route instead: Trainer(..., optimizer_cls_and_kwargs="
         "lightning_memopt.hf.optimizer_cls_and_kwargs('apollo', model, args=training_args)), and set "
@@ -147,7 +153,14 @@ def _make_handler(name: str) -> Callable[[Any], tuple[Any, dict[str, Any]]]:
     def handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         if ctx.model is None:
             raise ValueError(f"optim={name!r} needs the model to build its param groups; pass model= to the Trainer.")
-        return optimizer_cls_and_kwargs(name, ctx.model, ctx.args.optim_args, args=ctx.args)
+        # Looked up per call: the registry may have given the name to another spec since.
+        registry_name = hf_optimizer_names().get(name)
+        if registry_name is None:
+            raise ValueError(
+                f"optim={name!r} is no longer a registered optimizer name; registered: "
+                f"{', '.join(hf_optimizer_names())}."
+            )
+        return optimizer_cls_and_kwargs(registry_name, ctx.model, ctx.args.optim_args, args=ctx.args)
 
     handler.__name__ = handler.__qualname__ = f"lightning_memopt_{name}_handler"
     setattr(handler, _MARK, True)
@@ -172,8 +185,9 @@ def register_names() -> None:
         if optimizer_names is None:
             raise _internals_changed(f"{TRAINING_ARGS_MODULE}.OptimizerNames does not exist")
         _check_enum(optimizer_names)
-        for name in HF_OPTIMIZER_NAMES:
+        for name in hf_optimizer_names():
             _add_member(optimizer_names, member_name(name), name)
+        _done.add("names")
 
 
 def register_handlers() -> None:
@@ -200,13 +214,29 @@ def register_handlers() -> None:
             raise _internals_changed(f"{HANDLERS_MODULE}.OptimizerContext no longer carries 'args' and 'model'")
         from transformers.training_args import OptimizerNames
 
-        for name in HF_OPTIMIZER_NAMES:
+        for name in hf_optimizer_names():
             member = OptimizerNames(name)
             current = handlers.get(member)
             if current is None or getattr(current, _MARK, False):
                 handlers[member] = _make_handler(name)
             else:  # pragma: no cover - guarded by _add_member's check
                 raise _internals_changed(f"{HANDLERS_MODULE}._OPTIMIZER_HANDLERS already has a handler for {name!r}")
+        _done.add("handlers")
+
+
+def _mirror_new_spec(spec: OptimizerSpec) -> None:
+    """A registry entry added after our names reached transformers: add its ``hf_names`` there too."""
+    if not spec.hf_names:
+        return
+    with _lock:
+        if "handlers" in _done:
+            register_handlers()
+        elif "names" in _done:
+            register_names()
+
+
+# Subscribed at import: whoever registers an optimizer with hf_names later gets the HF name too.
+on_register(_mirror_new_spec)
 
 
 def register() -> None:
@@ -244,7 +274,7 @@ def is_registered() -> bool:
     value_map = getattr(names, "_value2member_map_", {})
     return all(
         getattr(value_map.get(name), _MARK, False) and getattr(handlers.get(value_map.get(name)), _MARK, False)
-        for name in HF_OPTIMIZER_NAMES
+        for name in hf_optimizer_names()
     )
 
 

@@ -3,6 +3,9 @@
 :func:`estimate` counts parameters and buffers exactly as :func:`breakdown` does (on the
 meta device they take no memory), and derives gradients and optimizer state from the
 optimizer's state layout, by arithmetic only: nothing is allocated and nothing is stepped.
+Which layout an optimizer has is a fact of the registry
+(:meth:`~lightning_memopt.optim.OptimizerSpec.layout`: declared with ``state_layout=`` or
+implied by the optimizer class); this module only does the arithmetic of each layout.
 
 State layouts (per trainable parameter, moments in the parameter's dtype unless
 ``state_dtype`` says otherwise):
@@ -22,6 +25,8 @@ State layouts (per trainable parameter, moments in the parameter's dtype unless
   (4096) elements, two uint8 moments and two fp32 ``absmax`` vectors (one value per block of
   256 elements); below that, two fp32 moments. The two 256-entry fp32 quantization maps are
   shared by all parameters and counted once. ``step`` is a Python int (no tensor).
+- SGD (``state_layout="sgd"``, torch ``SGD``): one ``momentum_buffer`` like the parameter when
+  ``momentum`` is not 0, nothing otherwise (no ``step``).
 
 Gradients: one per trainable parameter, in its dtype; with a layer-wise name
 (``apollo_layerwise``) each gradient is consumed as soon as it is ready, so at most one
@@ -39,7 +44,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -47,9 +51,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import APOLLO, apollo_param_groups, get_optimizer_spec, parse_options
+from ..optim import apollo_param_groups, get_optimizer_spec, parse_options
 from ..optim.apollo import MIN_8BIT_SIZE
 from ..optim.param_groups import TargetModules
+from ..optim.registry import STATE_LAYOUTS
 from .accounting import MemoryBreakdown, ParamMemory, breakdown, dtype_name, is_dtensor, logical_numel
 
 # APOLLO's scalars besides the moments: seed (int64) and prev_update_norm (fp32) -- the
@@ -60,30 +65,6 @@ _STEP_BYTES = 4
 # bitsandbytes' blockwise 8-bit states: one fp32 absmax per block, two 256-entry fp32 maps.
 _BNB_BLOCKSIZE = 256
 _BNB_QMAP_BYTES = 2 * 256 * 4
-_BNB_8BIT_CLASSES = {"Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit"}
-
-
-def _constructor_defaults(factory: Any) -> dict[str, Any]:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    return {
-        name: p.default
-        for name, p in inspect.signature(target).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
-def _family(name: str, factory: Any) -> str:
-    if inspect.isclass(factory) and issubclass(factory, APOLLO):
-        return "apollo"
-    if factory in (torch.optim.AdamW, torch.optim.Adam):
-        return "adamw"
-    if getattr(factory, "__module__", "").startswith("bitsandbytes") and factory.__name__ in _BNB_8BIT_CLASSES:
-        return "adamw8bit"
-    raise ValueError(
-        f"estimate() knows the state layout of APOLLO/APOLLO-Mini, torch AdamW/Adam and bitsandbytes 8-bit "
-        f"Adam; optimizer {name!r} ({getattr(factory, '__qualname__', factory)!r}) is none of them. "
-        "Build the optimizer for real and use breakdown(model, optimizer) after one step instead."
-    )
 
 
 def _scalar_step_bytes() -> int:
@@ -126,6 +107,11 @@ def _apollo(
     )
 
 
+def _sgd(name: str, param: torch.Tensor, shape: tuple[int, ...], itemsize: int, momentum: float) -> ParamMemory:
+    elements = logical_numel(param) if momentum else 0
+    return ParamMemory(name, shape, dtype_name(param.dtype), True, "sgd", None, elements, elements * itemsize, 0)
+
+
 def _adamw8bit(name: str, param: torch.Tensor, shape: tuple[int, ...], min_8bit_size: int, unorm: bool) -> ParamMemory:
     numel = param.numel()
     extra = 4 if unorm else 0  # "unorm_vec": one fp32
@@ -161,7 +147,8 @@ def estimate(
         model: best built on the meta device (``with torch.device("meta"): ...``), so that
             even a 7B model costs no memory; a real model works too and is not modified.
         optimizer: a registry name (:func:`~lightning_memopt.optim.available_optimizers`) whose
-            optimizer is APOLLO / APOLLO-Mini, torch AdamW / Adam or bitsandbytes 8-bit Adam.
+            state layout the registry knows (APOLLO / APOLLO-Mini, torch AdamW / Adam / SGD,
+            bitsandbytes 8-bit Adam, or any name registered with ``state_layout=``).
         options: that name's options, as for :func:`~lightning_memopt.optim.create_optimizer`
             (``"rank=128,cache_projection=false"`` or a mapping).
         state_dtype: dtype of the moments if not the parameter's (ignored by 8-bit Adam).
@@ -180,9 +167,10 @@ def estimate(
         (4194304, 4194304, 8388612)
     """
     spec = get_optimizer_spec(optimizer)
-    factory = spec.factory
-    family = _family(optimizer, factory)
-    settings = {**_constructor_defaults(factory), **spec.defaults, **parse_options(optimizer, options)}
+    family = spec.layout()
+    if family not in STATE_LAYOUTS:  # a layout added to the registry before its arithmetic here
+        raise ValueError(f"optimizer {optimizer!r}: estimate() cannot count state layout {family!r} yet.")
+    settings = {**spec.option_defaults(), **parse_options(optimizer, options)}
     measured = breakdown(model, grads=False)
 
     low_rank_ids: set[int] = set()
@@ -213,6 +201,8 @@ def estimate(
             details.append(dataclasses.replace(entry, state_bytes=entry.state_bytes + _scalar_step_bytes()))
         elif family in ("apollo", "adamw"):
             details.append(_adamw(name, param, shape, itemsize, bool(settings.get("amsgrad", False))))
+        elif family == "sgd":
+            details.append(_sgd(name, param, shape, itemsize, settings.get("momentum", 0)))
         else:
             entry = _adamw8bit(name, param, shape, settings["min_8bit_size"], settings.get("max_unorm", 0.0) > 0)
             details.append(entry)

@@ -1,7 +1,12 @@
 """Optimizers by name, with typed option strings: the one registry every adapter uses.
 
-The Lightning strategies and callbacks, the HF ``TrainingArguments(optim=...)`` names and the
-memory estimator all resolve optimizer names here, so a name means the same everywhere.
+The Lightning strategies and callbacks, the CLI, the HF ``TrainingArguments(optim=...)`` names and
+the memory estimator all resolve optimizer names here, so a name means the same everywhere. One
+:class:`OptimizerSpec` holds every fact about an optimizer: its registry name (Python, YAML and the
+CLI's ``--model.init_args.optimizer=NAME``), its ``TrainingArguments(optim=...)`` names
+(``hf_names``), its defaults, and its state layout for the memory estimator (``state_layout``).
+The constructor's signature is read in one place, :func:`constructor_options`. Adding an optimizer
+is one :func:`register_optimizer` call.
 
 Example:
     >>> import torch
@@ -20,7 +25,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +38,63 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 _NOT_OPTIONS = {"params", "self", "args", "kwargs", "optim_bits"}
 # Option strings cannot hold a tuple; "beta1"/"beta2" set the two halves of "betas".
 _BETA_KEYS = ("beta1", "beta2")
+# The optimizer-state layouts the memory estimator (lightning_memopt.memory.estimate) can count:
+# APOLLO's projected moments, AdamW's two full moments, bitsandbytes' blockwise 8-bit AdamW, and
+# SGD's momentum buffer.
+STATE_LAYOUTS = ("apollo", "adamw", "adamw8bit", "sgd")
+_BNB_8BIT_CLASSES = {"Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit"}
+_EMPTY = inspect.Parameter.empty
+
+
+class ConstructorOption(NamedTuple):
+    """One named argument of an optimizer's constructor.
+
+    ``annotation`` is the resolved type hint (``inspect.Parameter.empty`` when there is none);
+    ``default`` is the default value (``inspect.Parameter.empty`` when the argument is required).
+    """
+
+    annotation: Any
+    default: Any
+
+
+def constructor_options(factory: Callable[..., Any]) -> dict[str, ConstructorOption]:
+    """Every named argument of ``factory``'s constructor (or signature): ``name -> (annotation, default)``.
+
+    The one place that reads an optimizer's signature: option types for option strings, the
+    defaults the memory estimator and the HF adapter fill in, and the defaults the CLI spells
+    out all come from here. ``self``, ``*args`` and ``**kwargs`` are left out; ``params`` is
+    kept (with no default), so callers decide what counts as an option.
+
+    Example:
+        >>> options = constructor_options(torch.optim.SGD)
+        >>> options["momentum"].default, options["params"].default is inspect.Parameter.empty
+        (0, True)
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # third-party code with unresolvable annotations
+        hints = {}
+    return {
+        name: ConstructorOption(hints.get(name, _EMPTY), parameter.default)
+        for name, parameter in inspect.signature(target).parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+
+
+def _infer_state_layout(factory: Any) -> str | None:
+    """The state layout of a known optimizer class, for specs that do not declare one."""
+    if not inspect.isclass(factory):
+        return None
+    if issubclass(factory, APOLLO):
+        return "apollo"
+    if factory in (torch.optim.AdamW, torch.optim.Adam):
+        return "adamw"
+    if factory is torch.optim.SGD:
+        return "sgd"
+    if getattr(factory, "__module__", "").startswith("bitsandbytes") and factory.__name__ in _BNB_8BIT_CLASSES:
+        return "adamw8bit"
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,11 +111,16 @@ class OptimizerSpec:
         description: one line for listings and error messages.
         layerwise: whether the name asks for layer-wise (in-backward) updates; the
             adapters read it, the optimizer itself is the same class.
+        hf_names: the names ``TrainingArguments(optim=...)`` accepts for it once
+            ``lightning_memopt`` is imported (``("apollo",)``); empty: not an HF name.
+        state_layout: how the memory estimator counts its state, one of
+            :data:`STATE_LAYOUTS`; ``None`` infers it from the optimizer class (APOLLO
+            subclasses, torch ``AdamW``/``Adam``/``SGD``, bitsandbytes 8-bit Adam).
 
     Example:
         >>> spec = OptimizerSpec("my_sgd", lambda: torch.optim.SGD, description="SGD")
-        >>> spec.factory is torch.optim.SGD, "momentum" in spec.option_types()
-        (True, True)
+        >>> spec.factory is torch.optim.SGD, "momentum" in spec.option_types(), spec.layout()
+        (True, True, 'sgd')
     """
 
     name: str
@@ -62,6 +129,25 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     layerwise: bool = False
+    hf_names: tuple[str, ...] = ()
+    state_layout: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or "," in self.name:
+            raise ValueError(f"OptimizerSpec name {self.name!r} must be a non-empty string without commas.")
+        if isinstance(self.hf_names, str):  # a bare string would register each of its letters
+            object.__setattr__(self, "hf_names", (self.hf_names,))
+        bad = [n for n in self.hf_names if not isinstance(n, str) or not n.isidentifier()]
+        if bad:
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: hf_names {bad!r} must be identifiers (they become enum members "
+                "of transformers' OptimizerNames), e.g. hf_names=('my_opt',)."
+            )
+        if self.state_layout is not None and self.state_layout not in STATE_LAYOUTS:
+            raise ValueError(
+                f"OptimizerSpec {self.name!r}: state_layout={self.state_layout!r} is not one the memory estimator "
+                f"knows; pick one of {', '.join(STATE_LAYOUTS)}, or leave it None."
+            )
 
     @property
     def factory(self) -> OptimizerFactory:
@@ -69,30 +155,69 @@ class OptimizerSpec:
 
     def option_types(self) -> dict[str, Any]:
         """Option name -> annotated type (or the default's type) from the constructor."""
-        factory = self.factory
-        target = factory.__init__ if inspect.isclass(factory) else factory
-        try:
-            hints = typing.get_type_hints(target)
-        except Exception:  # third-party code with unresolvable annotations
-            hints = {}
         types_: dict[str, Any] = {}
-        for name, parameter in inspect.signature(target).parameters.items():
-            if name in _NOT_OPTIONS or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        for name, option in constructor_options(self.factory).items():
+            if name in _NOT_OPTIONS:
                 continue
-            if name in hints:
-                types_[name] = hints[name]
-            elif parameter.default is not inspect.Parameter.empty and parameter.default is not None:
-                types_[name] = type(parameter.default)
+            if option.annotation is not _EMPTY:
+                types_[name] = option.annotation
+            elif option.default is not _EMPTY and option.default is not None:
+                types_[name] = type(option.default)
             else:
                 types_[name] = Any
         return types_
 
+    def option_defaults(self) -> dict[str, Any]:
+        """The value of every option when the user sets none: the constructor's defaults, then ``defaults``.
+
+        Example:
+            >>> get_optimizer_spec("apollo_mini").option_defaults()["rank"]
+            1
+        """
+        constructor = {
+            name: option.default
+            for name, option in constructor_options(self.factory).items()
+            if name not in _NOT_OPTIONS and option.default is not _EMPTY
+        }
+        return {**constructor, **self.defaults}
+
+    def layout(self) -> str:
+        """The state layout the memory estimator counts: ``state_layout``, or the one the class implies.
+
+        Raises:
+            ValueError: when neither says (the message says what to do).
+
+        Example:
+            >>> get_optimizer_spec("apollo_mini").layout(), get_optimizer_spec("adamw").layout()
+            ('apollo', 'adamw')
+        """
+        if self.state_layout is not None:
+            return self.state_layout
+        factory = self.factory
+        inferred = _infer_state_layout(factory)
+        if inferred is None:
+            raise ValueError(
+                f"optimizer {self.name!r} ({getattr(factory, '__qualname__', factory)!r}) has no known state "
+                f"layout: the estimator knows APOLLO/APOLLO-Mini, torch AdamW/Adam/SGD and bitsandbytes 8-bit Adam. "
+                f"Register it with OptimizerSpec(..., state_layout=one of {', '.join(STATE_LAYOUTS)}) if its state "
+                "is laid out like one of those; otherwise build the optimizer for real and use "
+                "breakdown(model, optimizer) after one step instead."
+            )
+        return inferred
+
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
+# Adapters that mirror the registry elsewhere (the HF adapter adds hf_names to transformers'
+# enum) subscribe here: the core calls them and never imports them.
+_LISTENERS: list[Callable[[OptimizerSpec], None]] = []
 
 
 def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> None:
-    """Add a name to the registry.
+    """Add a name to the registry: the one call that makes an optimizer usable everywhere.
+
+    After it, ``create_optimizer(spec.name, ...)``, the CLI's ``--model.init_args.optimizer=NAME``,
+    ``estimate(model, NAME)`` and, for each of ``spec.hf_names``, ``TrainingArguments(optim=...)``
+    (once ``lightning_memopt`` is imported) all know the name.
 
     Example:
         >>> register_optimizer(OptimizerSpec("sgd_demo", lambda: torch.optim.SGD), overwrite=True)
@@ -101,7 +226,62 @@ def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> None:
     """
     if spec.name in _REGISTRY and not overwrite:
         raise ValueError(f"optimizer name {spec.name!r} is already registered; pass overwrite=True to replace it.")
+    taken = {hf: other.name for other in _REGISTRY.values() if other.name != spec.name for hf in other.hf_names}
+    clashes = {hf: taken[hf] for hf in spec.hf_names if hf in taken}
+    if clashes:
+        raise ValueError(
+            f"optimizer {spec.name!r}: hf_names {sorted(clashes)} already belong to {sorted(set(clashes.values()))}; "
+            "pick other names."
+        )
     _REGISTRY[spec.name] = spec
+    for listener in list(_LISTENERS):
+        listener(spec)
+
+
+def on_register(listener: Callable[[OptimizerSpec], None]) -> None:
+    """Call ``listener(spec)`` after every later :func:`register_optimizer` (once per listener).
+
+    How an adapter mirrors the registry without the core importing it: the HF adapter adds a
+    new spec's ``hf_names`` to ``TrainingArguments(optim=...)``.
+
+    Example:
+        >>> seen: list[OptimizerSpec] = []
+        >>> on_register(seen.append)
+        >>> register_optimizer(OptimizerSpec("sgd_seen", lambda: torch.optim.SGD), overwrite=True)
+        >>> seen[-1].name
+        'sgd_seen'
+    """
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def hf_optimizer_names() -> dict[str, str]:
+    """The ``TrainingArguments(optim=...)`` names, each to its registry name, in registration order.
+
+    Example:
+        >>> list(hf_optimizer_names())[:4]
+        ['apollo', 'apollo_mini', 'apollo_layerwise', 'apollo_mini_layerwise']
+    """
+    return {hf: spec.name for spec in _REGISTRY.values() for hf in spec.hf_names}
+
+
+def find_optimizer_class(class_name: str) -> type[torch.optim.Optimizer] | None:
+    """The registered optimizer class whose ``__name__`` is ``class_name`` (``"APOLLOMini"``), or None.
+
+    How the CLI resolves a class's short name; factories that fail to import are skipped.
+
+    Example:
+        >>> find_optimizer_class("APOLLOMini").__name__, find_optimizer_class("NoSuchOptimizer")
+        ('APOLLOMini', None)
+    """
+    for spec in _REGISTRY.values():
+        try:
+            factory = spec.factory
+        except ImportError:
+            continue
+        if inspect.isclass(factory) and factory.__name__ == class_name:
+            return factory
+    return None
 
 
 def available_optimizers() -> list[str]:
@@ -218,12 +398,7 @@ def parse_options(name: str, options: str | Mapping[str, Any] | None) -> dict[st
 
 
 def _default_betas(spec: OptimizerSpec) -> tuple[float, float]:
-    if "betas" in spec.defaults:
-        return tuple(spec.defaults["betas"])
-    factory = spec.factory
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    default = inspect.signature(target).parameters["betas"].default
-    return tuple(default)
+    return tuple(spec.option_defaults()["betas"])
 
 
 def create_optimizer(
@@ -278,6 +453,7 @@ def _register_builtins() -> None:
             "apollo",
             lambda: APOLLO,
             low_rank=True,
+            hf_names=("apollo",),
             description="APOLLO: rank-256 random projection, channel-wise scaling (arXiv 2412.05270)",
         )
     )
@@ -287,6 +463,7 @@ def _register_builtins() -> None:
             lambda: APOLLOMini,
             low_rank=True,
             defaults={"rank": 1, "scale_type": "tensor", "scale": 128.0},
+            hf_names=("apollo_mini",),
             description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128",
         )
     )
@@ -300,6 +477,7 @@ def _register_builtins() -> None:
                 defaults=original.defaults,
                 description=f"{original.description}; layer-wise (in-backward) updates",
                 layerwise=True,
+                hf_names=(f"{base}_layerwise",),
             )
         )
     register_optimizer(OptimizerSpec("adamw", lambda: torch.optim.AdamW, description="torch.optim.AdamW"))
