@@ -373,6 +373,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{c['mixtral_vs_dense']:.2f}x: {'faster' if c['faster_than_mixtral'] else 'not faster'}"
             )
         lines.append(f"- {tokens} tokens: tensor peak {v['peak_vs_fastest_mixtral']:.2f}x the fastest Mixtral's")
+    if not report["model"]:
+        return "\n".join(lines) + "\n"
     model = report["model_shape"]
     lines += [
         "",
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--no-model", action="store_true", help="the layer measurements only")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -429,7 +432,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = sorted(shape["tokens"])
     targets = TARGETS if set(counts) == set(TARGETS) else {counts[0]: TARGETS[512], counts[-1]: TARGETS[2048]}
     report["verdict"] = verdict(report["layer"], targets)
-    report["model"] = model_rows(model_shape, shape["experts"], shape["top_k"], max(1, math.ceil(repeats / 2)), steps)
+    model_repeats = max(1, math.ceil(repeats / 2))
+    report["model"] = (
+        [] if args.no_model else model_rows(model_shape, shape["experts"], shape["top_k"], model_repeats, steps)
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe.json").write_text(json.dumps(report, indent=2) + "\n")
