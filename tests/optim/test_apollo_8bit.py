@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("cpu_chunk", [None, 1024, 1280])
 def test_8bit_params_match_bitsandbytes_adamw8bit(make_llama, make_batches, train_step, monkeypatch, cpu_chunk):
     if cpu_chunk is not None:
-        monkeypatch.setattr("lightning_memopt.optim.apollo._CPU_8BIT_CHUNK", cpu_chunk)
+        monkeypatch.setattr("lightning_memopt.optim.kernels.CPU_8BIT_CHUNK", cpu_chunk)
     batches = make_batches(4, 2, 16)
     ours_model, ref_model = make_llama(seed=0), make_llama(seed=0)
     # Only the 8-bit parameters (embeddings, head) train, so that both optimizers see the same

@@ -14,6 +14,7 @@ import torch
 from apollo_reference import MANY_ROWS_WIDE, SHAPES, assert_matches_reference, make_problem, reference_apollo, seeds_of
 
 import lightning_memopt.optim.apollo as apollo_module
+from lightning_memopt.optim import kernels
 from lightning_memopt.optim import APOLLO
 from lightning_memopt.optim.workspace import Workspace
 
@@ -137,13 +138,13 @@ def test_workspace_views_do_not_overlap_and_grow_on_demand():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_large_gradient_check_catches_every_position(position, bad):
     # Large float32 tensors are checked with a dot product of their halves (see
-    # _finite_witness): a non-finite entry anywhere, whatever its partner (here 0), must show.
-    grad = torch.zeros(2 * apollo_module._FINITE_DOT_MIN + 1)
+    # kernels.finite_witness): a non-finite entry anywhere, whatever its partner (here 0), must show.
+    grad = torch.zeros(2 * kernels.FINITE_DOT_MIN + 1)
     index = {"first": 0, "middle": grad.numel() // 2 - 1, "second-half": grad.numel() // 2 + 5, "last-odd": -1}
     grad[index[position]] = bad
-    assert not apollo_module._all_finite([grad])
+    assert not kernels.all_finite([grad])
     grad[index[position]] = 1e18  # large but finite: its products stay below float32's range
-    assert apollo_module._all_finite([grad])
+    assert kernels.all_finite([grad])
 
 
 def test_large_adamw_gradient_with_inf_skips_the_step():

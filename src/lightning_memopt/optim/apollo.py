@@ -16,6 +16,10 @@ arXiv 2412.05270), for a weight matrix ``W`` (``m x n``) in a low-rank group, st
    grew by more than gamma since the last step, it is scaled back to gamma times it.
 5. Decoupled weight decay, then ``W -= lr * update``.
 
+Each step is a function of :mod:`.apollo_math` (pure, one per step of the paper's Algorithm
+1), shared with the FSDP2 step (:mod:`.sharding`); the CPU tuning is in :mod:`.kernels`. This
+module holds the optimizer: state, groups, checks, loading, and the plan of a step.
+
 Parameters outside low-rank groups (embeddings, norms, biases, the LM head) get plain
 AdamW inside the same optimizer. The state is tensors only: per low-rank matrix
 ``exp_avg`` and ``exp_avg_sq`` of ``r x max(m, n)`` elements each, plus the scalars
@@ -36,44 +40,51 @@ import importlib.util
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.optim.adamw import adamw as functional_adamw
 
-from .projection import gaussian_projection
+from . import apollo_math
+from .apollo_math import SCALE_TYPES, ApolloHyperparameters, low_rank_shape
+from .kernels import BLOCK_8BIT, all_finite, blockwise_chunks, project_into
 from .sharding import all_ranks_finite, apollo_step_sharded, is_dtensor, zeros_like_layout
 from .sharding import local_view as _local
 from .workspace import Workspace
 
-SCALE_TYPES = ("channel", "tensor")
-# What a step computes for a group's low-rank matrices before it changes any state (see
-# APOLLO._prepare_low_rank): the gradients' norms for the limiter, and their projections R.
-_Prepared = tuple["list[torch.Tensor] | None", "list[torch.Tensor] | None"]
-# One param group's work in a step: (group, low-rank params, AdamW params, _Prepared).
-_GroupPlan = tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], _Prepared]
-# Guards the ratio ||N|| / ||R|| against an all-zero channel (same constant as the paper's code).
-_RATIO_EPS = 1e-8
+
+@dataclass
+class _Prepared:
+    """What a step computes for a group's unsharded low-rank matrices before it changes any state
+    (see :meth:`APOLLO._prepare_low_rank`)."""
+
+    # The limiter's norms of each G (None: the limiter is off, or they are taken in the step).
+    grad_norms: list[torch.Tensor] | None = None
+    # Each matrix's projected gradient R, taken early (None: projected chunk by chunk in the step).
+    projected: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _GroupPlan:
+    """One param group's work in a step: its matrices with the APOLLO update, its AdamW
+    parameters, and what was computed for the matrices before the finite check."""
+
+    group: dict[str, Any]
+    low_rank: list[torch.Tensor]
+    adamw: list[torch.Tensor]
+    prepared: _Prepared = field(default_factory=_Prepared)
+
+
 # Keys of the per-parameter state that live on the CPU whatever the parameter's device:
 # host scalars, like torch.optim.Adam's "step", so that the step never syncs with the GPU.
 _HOST_STATE_KEYS = ("step", "seed")
 # Keys whose saved dtype survives load_state_dict (see APOLLO.load_state_dict).
 # (torch casts every state tensor but "step" to a floating parameter's dtype, even 8-bit moments.)
 _EXACT_STATE_KEYS = ("step", "seed", "prev_update_norm", "state1", "state2", "absmax1", "absmax2")
-# adamw_8bit: tensors smaller than this keep 32-bit moments (bitsandbytes' min_8bit_size), and
-# the moments are quantised in blocks of this many elements (its blockwise kernel's block).
+# adamw_8bit: tensors smaller than this keep 32-bit moments (bitsandbytes' min_8bit_size); the
+# moments are quantised in blocks of kernels.BLOCK_8BIT elements (its blockwise kernel's block).
 MIN_8BIT_SIZE = 4096
-_BLOCK_8BIT = 256
-# bitsandbytes' CPU kernel dequantises the whole tensor and makes full-size float32 temporaries
-# (about five: both moments, a gradient copy, the denominator): 390 MiB for a 32000 x 640 LM
-# head, more than the head's whole 8-bit state. Each quantisation block is independent, so
-# updating block-aligned slices in turn gives the same bits with 5 x 4 MiB of temporaries.
-_CPU_8BIT_CHUNK = 4096 * _BLOCK_8BIT
-# _finite_witness reads float32 tensors from this many elements per half with a dot product.
-_FINITE_DOT_MIN = 1 << 16
-# Rows per slice when _channel_norms sums squared columns on the CPU (the running sums of a
-# slice's height stay in the cache).
-_COLUMN_NORM_ROWS = 64
 # The low-rank matrices of a group are stepped in chunks whose projected gradients R hold at
 # most this many elements (or one matrix, if larger): R and N of a chunk live in reused
 # workspace buffers (see .workspace), so the step's scratch memory is bounded (2 x 8 MiB in
@@ -99,13 +110,22 @@ _ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _ADAMW_8BIT_KEYS = frozenset({"step", "state1", "state2", "absmax1", "absmax2"})
 # Scalar state entries that older checkpoints may hold as plain numbers, and their dtypes.
 _SCALAR_STATE_DTYPES = {"step": torch.float32, "seed": torch.int64, "prev_update_norm": torch.float32}
+# Warnings of a skipped update (step, step_parameters).
+_SKIPPED_STEP = (
+    "APOLLO: skipped a step because a gradient holds NaN or inf; weights and optimizer state are unchanged. "
+    "Lower the learning rate or enable gradient clipping."
+)
+_SKIPPED_PARAMETERS = (
+    "APOLLO: skipped the update of a parameter whose gradient holds NaN or inf; its weights and optimizer state "
+    "are unchanged. Lower the learning rate or enable gradient clipping."
+)
 # What a refused state dict can do instead.
 _LOAD_FIX = (
     "Load a state dict saved by an optimizer built the same way (same parameters in the same order, "
     "same low-rank groups, ranks and adamw_8bit), or skip load_state_dict to start the optimizer state afresh."
 )
 # Attributes rebuilt on demand, never copied or pickled (see APOLLO.__getstate__).
-_TRANSIENT_ATTRIBUTES = ("_workspace", "_projection_cache", "_quantization_maps")
+_TRANSIENT_ATTRIBUTES = ("_workspace", "_projection_cache", "_quantization_maps", "_param_indices")
 # What ``projection_dtype`` accepts, by name (YAML and option strings give names).
 PROJECTION_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -141,102 +161,6 @@ def resolve_projection_dtype(value: str | torch.dtype | None) -> torch.dtype | N
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host synchronisation per device.
-
-    Each tensor is reduced to one number that is NaN or infinite when an entry is (see
-    :func:`_finite_witness`); those are stacked and checked together.
-    """
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(_finite_witness(t))
-    return all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
-
-
-def _finite_witness(tensor: torch.Tensor) -> torch.Tensor:
-    """A float32 scalar that is NaN or infinite when an entry of ``tensor`` is, read in one pass.
-
-    A sum is (inf - inf is NaN). For a large contiguous float32 tensor, the dot product of its
-    two halves is too (inf * 0 is NaN), and on the CPU it is the faster read: two streams at
-    once draw about 1.4x the memory bandwidth of the one a sum reads. Products of entries
-    overflow only beyond ~1e19, far past any usable gradient; float16 sums are taken in
-    float32, as float16 overflows past 65504.
-    """
-    if tensor.dim() == 0 and tensor.dtype == torch.float32:  # a norm already
-        return tensor
-    if tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.numel() >= 2 * _FINITE_DOT_MIN:
-        flat = tensor.view(-1)
-        half = flat.numel() // 2
-        witness = torch.dot(flat[:half], flat[half : 2 * half])
-        return witness + flat[-1] if flat.numel() % 2 else witness
-    if tensor.element_size() < 4 and tensor.is_floating_point():
-        return tensor.sum(dtype=torch.float32)
-    return tensor.sum().float()
-
-
-def _frobenius_norm(matrix: torch.Tensor) -> torch.Tensor:
-    """``||matrix||_F`` as a 0-d tensor. For a contiguous float32/float64 matrix this is a BLAS
-    dot product of the matrix with itself: one vectorised read, about twice as fast on the CPU
-    as ``torch.linalg.vector_norm`` (it overflows to inf only for entries beyond ~1e19)."""
-    if matrix.is_contiguous() and matrix.dtype in (torch.float32, torch.float64) and matrix.numel():
-        flat = matrix.view(-1)
-        return torch.dot(flat, flat).sqrt_()
-    return torch.linalg.vector_norm(matrix)
-
-
-def _blockwise_chunks(
-    grad: torch.Tensor,
-    param: torch.Tensor,
-    state1: torch.Tensor,
-    state2: torch.Tensor,
-    absmax1: torch.Tensor,
-    absmax2: torch.Tensor,
-) -> list[tuple[torch.Tensor, ...]]:
-    """The 8-bit AdamW update's tensors as block-aligned slices of ``_CPU_8BIT_CHUNK`` elements
-    (views: updating them updates the whole), or whole when a slice would not be a view or
-    the kernel is fused (not on the CPU)."""
-    tensors = (grad, param, state1, state2)
-    if param.device.type != "cpu" or param.numel() <= _CPU_8BIT_CHUNK or not all(t.is_contiguous() for t in tensors):
-        return [(grad, param, state1, state2, absmax1, absmax2)]
-    flat = [t.view(-1) for t in tensors]
-    blocks_per_chunk = _CPU_8BIT_CHUNK // _BLOCK_8BIT
-    chunks = []
-    for start in range(0, param.numel(), _CPU_8BIT_CHUNK):
-        first_block = start // _BLOCK_8BIT
-        elements = slice(start, start + _CPU_8BIT_CHUNK)
-        blocks = slice(first_block, first_block + blocks_per_chunk)
-        chunks.append((*(t[elements] for t in flat), absmax1[blocks], absmax2[blocks]))
-    return chunks
-
-
-def _channel_norms(matrix: torch.Tensor, dim: int, workspace: Workspace | None = None) -> torch.Tensor:
-    """Euclidean norms of ``matrix`` along ``dim``, keeping the reduced dimension.
-
-    ``workspace`` lends the CPU's running sums for ``dim=0`` (else they are allocated).
-    """
-    if dim == 0 and matrix.dtype in (torch.float32, torch.float64):
-        # vector_norm reduces the leading dimension of a row-major matrix ~7x slower on the
-        # CPU than summing its squared rows.
-        rows, cols = matrix.shape
-        if matrix.device.type != "cpu" or rows <= _COLUMN_NORM_ROWS:
-            return matrix.square().sum(dim=0, keepdim=True).sqrt_()
-        # On the CPU, fused multiply-adds of _COLUMN_NORM_ROWS rows at a time into running
-        # sums that stay in the cache: twice as fast as squaring slices, and no temporary
-        # of the matrix's size (whose fresh pages would cost more than the arithmetic).
-        shape = [(_COLUMN_NORM_ROWS, cols)]
-        if workspace is None:
-            sums = torch.empty(shape[0], dtype=matrix.dtype)
-        else:
-            (sums,) = workspace.take("column_norms", shape, matrix.dtype, matrix.device)
-        head = matrix[:_COLUMN_NORM_ROWS]
-        torch.mul(head, head, out=sums)
-        for start in range(_COLUMN_NORM_ROWS, rows, _COLUMN_NORM_ROWS):
-            block = matrix[start : start + _COLUMN_NORM_ROWS]
-            sums[: block.shape[0]].addcmul_(block, block)
-        return sums.sum(dim=0, keepdim=True).sqrt_()
-    return torch.linalg.vector_norm(matrix, dim=dim, keepdim=True)
 
 
 def _chunks(keys: list[Any], sizes: list[int], budget: int) -> list[list[int]]:
@@ -347,6 +271,8 @@ class APOLLO(torch.optim.Optimizer):
         self._projection_cache: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         # Step temporaries reused between steps on the CPU (not part of the state dict).
         self._workspace = Workspace()
+        # Each parameter's index in the whole optimizer (its projection seed), built on demand.
+        self._param_indices: dict[torch.Tensor, int] | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ copy and pickle
@@ -375,6 +301,7 @@ class APOLLO(torch.optim.Optimizer):
         self._workspace = Workspace()
         self._projection_cache = {}
         self._quantization_maps = {}
+        self._param_indices = None
 
     # ------------------------------------------------------------------ loading
     @torch._disable_dynamo
@@ -423,6 +350,7 @@ class APOLLO(torch.optim.Optimizer):
                 device = torch.device("cpu") if key in _HOST_STATE_KEYS else _local(param).device
                 state[key] = value.detach().to(device=device, copy=True)
         self._projection_cache.clear()
+        self._param_indices = None
         for post_hook in post_hooks.values():
             post_hook(self)
 
@@ -532,7 +460,7 @@ class APOLLO(torch.optim.Optimizer):
             wanted, layout = _LOW_RANK_KEYS, {"exp_avg": (m, rank) if m >= n else (rank, n)}
         elif self.uses_8bit_state(param):
             kind = f"shape {shape}, AdamW with 8-bit moments"
-            wanted, blocks = _ADAMW_8BIT_KEYS, (math.ceil(param.numel() / _BLOCK_8BIT),)
+            wanted, blocks = _ADAMW_8BIT_KEYS, (math.ceil(param.numel() / BLOCK_8BIT),)
             layout = {"state1": shape, "state2": shape, "absmax1": blocks, "absmax2": blocks}
         else:
             kind = f"shape {shape}, AdamW"
@@ -646,6 +574,7 @@ class APOLLO(torch.optim.Optimizer):
         self._validate_group(group, where)
         self._validate_params(group, where, first_index)
         self.param_groups.append(group)
+        self._param_indices = None
 
     @staticmethod
     def _validate_params(group: dict[str, Any], where: str, first_index: int) -> None:
@@ -678,13 +607,19 @@ class APOLLO(torch.optim.Optimizer):
         return bool(group["low_rank"])
 
     def _param_seed(self, param: torch.Tensor) -> int:
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p is param:
-                    return self.seed + index
-                index += 1
-        raise KeyError("parameter is not managed by this optimizer")
+        """``seed`` + ``param``'s index in the whole optimizer (group order).
+
+        The indices are built once (not a scan of every parameter per call, which made the first
+        step quadratic in the number of parameters) and again after ``add_param_group``,
+        ``load_state_dict``, or when a parameter is missing (groups edited by hand).
+        """
+        indices = self._param_indices
+        if indices is None or param not in indices:
+            params = (p for group in self.param_groups for p in group["params"])
+            indices = self._param_indices = {p: i for i, p in enumerate(params)}
+        if param not in indices:
+            raise KeyError("parameter is not managed by this optimizer")
+        return self.seed + indices[param]
 
     @staticmethod
     def effective_rank(group: dict[str, Any], shape: torch.Size | tuple[int, ...]) -> int:
@@ -701,12 +636,10 @@ class APOLLO(torch.optim.Optimizer):
             if cached is not None and cached[0] == key:
                 return cached[1]
         local = _local(param)
-        # m >= n: P is r x n and R = G Pᵀ;  m < n: P is m x r and R = Pᵀ G.
-        rows, cols = (rank, n) if m >= n else (m, rank)
         dtype = self.projection_dtype or local.dtype
-        proj = gaussian_projection(seed, window, rows, cols, rank=rank, device=local.device, dtype=dtype)
-        # Stored column-major: the projection multiplies by Pᵀ (see _project_into), which is
-        # then a contiguous operand (a wide matrix's bf16 projection is ~1.5x faster on the CPU).
+        proj = apollo_math.random_projection(seed, window, (m, n), rank, device=local.device, dtype=dtype)
+        # Stored column-major: the product takes Pᵀ (see kernels.project_into), then a contiguous
+        # operand, which makes a wide matrix's bf16 projection faster on the CPU.
         proj = proj.T.contiguous().T
         if self.cache_projection:
             self._projection_cache[param] = (key, proj)
@@ -722,7 +655,7 @@ class APOLLO(torch.optim.Optimizer):
                 f"using rank {rank} for it.",
                 stacklevel=3,
             )
-        moment_shape = (m, rank) if m >= n else (rank, n)
+        moment_shape = low_rank_shape((m, n), rank)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["seed"] = torch.tensor(self._param_seed(param), dtype=torch.int64)
         # A DTensor parameter (FSDP2) gets DTensor moments, split like R (see .sharding).
@@ -741,19 +674,20 @@ class APOLLO(torch.optim.Optimizer):
 
     def _grads_are_finite(self, plan: list[_GroupPlan]) -> bool:
         grads, checked, low_rank_checked = [], [], []
-        for _, low_rank, adamw, (grad_norms, _) in plan:
-            grads += [p.grad for p in low_rank + adamw]
-            checked += [_local(p.grad) for p in adamw]
+        for part in plan:
+            grads += [p.grad for p in part.low_rank + part.adamw]
+            checked += [_local(p.grad) for p in part.adamw]
             # The norms of G (one per channel or per matrix) are NaN or inf exactly when G is
             # (or when they would overflow), and far smaller than G: check them instead.
-            low_rank_checked += grad_norms if grad_norms is not None else [_local(p.grad) for p in low_rank]
+            grad_norms = part.prepared.grad_norms
+            low_rank_checked += grad_norms if grad_norms is not None else [_local(p.grad) for p in part.low_rank]
         # The AdamW gradients last: the AdamW update, which comes next, may find them in the cache.
         checked = low_rank_checked + checked
         # A rank's shard of a small matrix may be empty (FSDP2); it holds no NaN.
         local = [t for t in checked if t.numel()]
         finite = True
         if local:
-            finite = _all_finite(local)
+            finite = all_finite(local)
         # Sharded gradients: every rank must take the same decision.
         return all_ranks_finite(finite, grads)
 
@@ -765,39 +699,7 @@ class APOLLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        split: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []
-        for group in self.param_groups:
-            low_rank, adamw = [], []
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("APOLLO does not support sparse gradients.")
-                (low_rank if self.is_low_rank(group, p) else adamw).append(p)
-            split.append((group, low_rank, adamw))
-        plan: list[_GroupPlan] = []
-        early = self._early_projections([(group, low_rank) for group, low_rank, _ in split])
-        for (group, low_rank, adamw), projected in zip(split, early):
-            # The limiter's norms of G, taken before any state changes: the finite check reads
-            # them instead of G. (Sharded matrices take theirs inside their own step.)
-            prepared: _Prepared = (None, None)
-            if low_rank and not any(is_dtensor(p) for p in low_rank):
-                prepared = self._prepare_low_rank(group, low_rank, projected)
-            plan.append((group, low_rank, adamw, prepared))
-        if self.check_finite and not self._grads_are_finite(plan):
-            warnings.warn(
-                "APOLLO: skipped a step because a gradient holds NaN or inf; weights and optimizer "
-                "state are unchanged. Lower the learning rate or enable gradient clipping.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return loss
-        for group, _, adamw, _ in plan:
-            if adamw:
-                self._adamw_step(group, adamw)
-        for group, low_rank, _, (grad_norms, projected) in plan:
-            if low_rank:
-                self._apollo_step(group, low_rank, grad_norms, projected)
+        self._step_groups([(group, group["params"]) for group in self.param_groups], _SKIPPED_STEP)
         return loss
 
     @torch.no_grad()
@@ -820,29 +722,40 @@ class APOLLO(torch.optim.Optimizer):
             (1, False)
         """
         wanted = {id(p) for p in params}
-        subsets = [
-            (group, [p for p in group["params"] if id(p) in wanted and p.grad is not None and p.numel()])
-            for group in self.param_groups
-        ]
-        grads = [p.grad for _, members in subsets for p in members]
-        if any(g.is_sparse for g in grads):  # before any update, so that a refusal changes nothing
-            raise RuntimeError("APOLLO does not support sparse gradients.")
-        # Sharded gradients (FSDP2): every rank must take the same decision.
-        if self.check_finite and grads and not all_ranks_finite(_all_finite(list(map(_local, grads))), grads):
-            warnings.warn(
-                "APOLLO: skipped the update of a parameter whose gradient holds NaN or inf; its weights "
-                "and optimizer state are unchanged. Lower the learning rate or enable gradient clipping.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        self._step_groups(
+            [(group, [p for p in group["params"] if id(p) in wanted]) for group in self.param_groups],
+            _SKIPPED_PARAMETERS,
+        )
+
+    def _step_groups(self, subsets: list[tuple[dict[str, Any], list[torch.Tensor]]], skipped: str) -> None:
+        """The one path of :meth:`step` and :meth:`step_parameters`: update the parameters of each
+        ``(group, params)`` that hold a gradient; with ``check_finite``, none of them (warning
+        ``skipped``) when a gradient holds NaN or inf."""
+        plan: list[_GroupPlan] = []
+        for group, params in subsets:
+            low_rank, adamw = [], []
+            for p in params:
+                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to update
+                    continue
+                if p.grad.is_sparse:  # before any update, so that a refusal changes nothing
+                    raise RuntimeError("APOLLO does not support sparse gradients.")
+                (low_rank if self.is_low_rank(group, p) else adamw).append(p)
+            plan.append(_GroupPlan(group, low_rank, adamw))
+        early = self._early_projections([(part.group, part.low_rank) for part in plan])
+        for part, projected in zip(plan, early):
+            # The limiter's norms of G, taken before any state changes: the finite check reads
+            # them instead of G. (Sharded matrices take theirs inside their own step.)
+            if part.low_rank and not any(is_dtensor(p) for p in part.low_rank):
+                part.prepared = self._prepare_low_rank(part.group, part.low_rank, projected)
+        if self.check_finite and not self._grads_are_finite(plan):
+            warnings.warn(skipped, RuntimeWarning, stacklevel=3)
             return
-        for group, members in subsets:
-            adamw = [p for p in members if not self.is_low_rank(group, p)]
-            low_rank = [p for p in members if self.is_low_rank(group, p)]
-            if adamw:
-                self._adamw_step(group, adamw)
-            if low_rank:
-                self._apollo_step(group, low_rank)
+        for part in plan:
+            if part.adamw:
+                self._adamw_step(part.group, part.adamw)
+        for part in plan:
+            if part.low_rank:
+                self._apollo_step(part.group, part.low_rank, part.prepared)
 
     def uses_8bit_state(self, param: torch.Tensor) -> bool:
         """Whether ``param``'s AdamW moments are kept in 8 bits (``adamw_8bit`` and large enough).
@@ -921,7 +834,7 @@ class APOLLO(torch.optim.Optimizer):
             signed_map, unsigned_map = self._quantization_maps[device]
             state = self.state[p]
             if not state:
-                blocks = math.ceil(p.numel() / _BLOCK_8BIT)
+                blocks = math.ceil(p.numel() / BLOCK_8BIT)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["state1"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
                 state["state2"] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
@@ -930,7 +843,7 @@ class APOLLO(torch.optim.Optimizer):
             state["step"] += 1
             step = int(state["step"])
             tensors = (p.grad, p, state["state1"], state["state2"], state["absmax1"], state["absmax2"])
-            for grad, weight, state1, state2, absmax1, absmax2 in _blockwise_chunks(*tensors):
+            for grad, weight, state1, state2, absmax1, absmax2 in blockwise_chunks(*tensors):
                 optimizer_update_8bit_blockwise(
                     "adam",
                     grad,
@@ -951,13 +864,6 @@ class APOLLO(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                 )
 
-    def _gradient_norm(self, group: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
-        """The norms of a gradient ``G`` that the norm-growth limiter needs: per channel (rows of
-        ``G`` when ``m >= n``, else its columns) or of the whole matrix."""
-        if group["scale_type"] != "channel":
-            return _frobenius_norm(grad)
-        return _channel_norms(grad, 1 if grad.shape[0] >= grad.shape[1] else 0, self._workspace)
-
     def _moment_shape(self, group: dict[str, Any], param: torch.Tensor) -> tuple[int, int]:
         """The shape of ``param``'s projected gradient ``R`` and of its Adam moments: the shape of
         the workspace views the step writes ``R`` and ``N`` into.
@@ -971,16 +877,14 @@ class APOLLO(torch.optim.Optimizer):
         m, n = param.shape
         state = self.state[param]
         if not state:
-            rank = self.effective_rank(group, param.shape)
-            return (m, rank) if m >= n else (rank, n)
+            return low_rank_shape((m, n), self.effective_rank(group, param.shape))
         shape = state["exp_avg"].shape
         if m >= n:  # m x r, 1 <= r <= n
             fits = len(shape) == 2 and shape[0] == m and 0 < shape[1] <= n
         else:  # r x n, 1 <= r <= m
             fits = len(shape) == 2 and shape[1] == n and 0 < shape[0] <= m
         if not fits or state["exp_avg_sq"].shape != shape:
-            rank = self.effective_rank(group, (m, n))
-            expected = (m, rank) if m >= n else (rank, n)
+            expected = low_rank_shape((m, n), self.effective_rank(group, (m, n)))
             raise ValueError(_misfit_message(self, param, "exp_avg", tuple(shape), expected))
         return tuple(shape)  # type: ignore[return-value]
 
@@ -996,7 +900,7 @@ class APOLLO(torch.optim.Optimizer):
         rank = out.shape[1] if param.shape[0] >= param.shape[1] else out.shape[0]
         # The Adam kernel advances the step counter; the coming step is the next one.
         window = (int(state["step"]) if state else 0) // group["update_proj_gap"]
-        self._project_into(param.grad, self._projection(param, state, window, rank), out)
+        project_into(param.grad, self._projection(param, state, window, rank), out, self._workspace)
 
     def _early_projections(
         self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]
@@ -1040,60 +944,32 @@ class APOLLO(torch.optim.Optimizer):
             if projected is not None:
                 self._project(group, p, projected[i])
             if limiter:
-                grad_norms.append(self._gradient_norm(group, p.grad))
-        return (grad_norms if limiter else None), projected
+                grad_norms.append(apollo_math.gradient_norms(p.grad, group["scale_type"], self._workspace))
+        return _Prepared(grad_norms if limiter else None, projected)
 
-    def _project_into(self, grad: torch.Tensor, proj: torch.Tensor, out: torch.Tensor) -> None:
-        """``out = R``, the projection of ``grad`` (see :func:`.project_gradient`), through the
-        workspace: no temporary is allocated on the CPU, whatever the projection dtype."""
-        tall = grad.shape[0] >= grad.shape[1]
-        if grad.dtype != proj.dtype:
-            (work,) = self._workspace.take("grad_in_projection_dtype", [grad.shape], proj.dtype, grad.device)
-            grad = work.copy_(grad)
-        target = out
-        if out.dtype != proj.dtype:
-            (target,) = self._workspace.take("projected_in_projection_dtype", [out.shape], proj.dtype, out.device)
-        rank = proj.shape[0] if tall else proj.shape[1]
-        if rank == 1 and tall and grad.device.type == "cpu":
-            # Rank 1, tall G (APOLLO-Mini): R = G p is a dot product per row of G. MKL's gemv
-            # for it streams G at a third of the memory bandwidth on an AMD Zen 4 CPU, its gemm
-            # with a two-column operand at full speed (measured: 60M shapes, 3.1 ms instead of
-            # 7.8): so multiply by [p, 0] and keep the first column.
-            m, n = grad.shape
-            operand, pair = self._workspace.take("rank_one_pair", [(2, n), (m, 2)], proj.dtype, grad.device)
-            operand[0].copy_(proj[0])
-            operand[1].zero_()
-            torch.mm(grad, operand.T, out=pair)
-            target.view(-1).copy_(pair[:, 0])
-        elif rank == 1:
-            # Rank 1 otherwise (wide G, or a tall one off the CPU): BLAS's gemv reads G faster
-            # than gemm's packing does.
-            torch.mv(grad if tall else grad.T, proj[0] if tall else proj[:, 0], out=target.view(-1))
-        elif tall:
-            torch.mm(grad, proj.T, out=target)
-        else:
-            torch.mm(proj.T, grad, out=target)
-        if target is not out:
-            out.copy_(target)
-
-    def _apollo_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grad_norms: list[torch.Tensor] | None = None,
-        projected: list[torch.Tensor] | None = None,
-    ) -> None:
+    def _apollo_step(self, group: dict[str, Any], params: list[torch.Tensor], prepared: _Prepared) -> None:
         """One APOLLO step of the matrices ``params`` of ``group``, with what
         :meth:`_prepare_low_rank` computed for them, if it did (unsharded matrices only)."""
-        if any(is_dtensor(p) for p in params):  # FSDP2 shards: same math plus collectives
-            apollo_step_sharded(self, group, [p for p in params if is_dtensor(p)])
+        hyper = ApolloHyperparameters.from_group(group)
+        sharded = [p for p in params if is_dtensor(p)]
+        if sharded:  # FSDP2 shards: the same math plus collectives (see .sharding)
+            states = [self.state[p] if self.state[p] else self._init_low_rank_state(group, p) for p in sharded]
+            projections = []
+            for p, state in zip(sharded, states):
+                m, n = p.shape
+                rank = state["exp_avg"].shape[1] if m >= n else state["exp_avg"].shape[0]
+                # The Adam kernel advances the step counter; the coming step is the next one.
+                window = int(state["step"]) // group["update_proj_gap"]
+                projections.append(self._projection(p, state, window, rank))
+            apollo_step_sharded(sharded, states, projections, hyper)
             params = [p for p in params if not is_dtensor(p)]
-            grad_norms = projected = None
+            prepared = _Prepared()
             if not params:
                 return
-        if grad_norms is None and group["norm_growth_limit"] is not None:
-            grad_norms = [self._gradient_norm(group, p.grad) for p in params]
-        # A chunk at a time: R and N of a chunk fit in reused workspace buffers.
+        grad_norms, projected = prepared.grad_norms, prepared.projected
+        if grad_norms is None and hyper.norm_growth_limit is not None:
+            grad_norms = [apollo_math.gradient_norms(p.grad, hyper.scale_type, self._workspace) for p in params]
+        # A chunk at a time: R and R̃ of a chunk fit in reused workspace buffers.
         runs = [list(range(len(params)))] if projected is not None else self._low_rank_chunks(group, params)
         for run in runs:
             members = [params[i] for i in run]
@@ -1107,113 +983,46 @@ class APOLLO(torch.optim.Optimizer):
             else:
                 chunk_projected = projected
             chunk_norms = None if grad_norms is None else [grad_norms[i] for i in run]
-            self._apollo_step_chunk(group, members, states, chunk_projected, chunk_norms)
+            self._apollo_step_chunk(hyper, members, states, chunk_projected, chunk_norms)
 
     def _apollo_step_chunk(
         self,
-        group: dict[str, Any],
+        hyper: ApolloHyperparameters,
         params: list[torch.Tensor],
         states: list[dict[str, torch.Tensor]],
         projected: list[torch.Tensor],
         grad_norms: list[torch.Tensor] | None,
     ) -> None:
-        """Steps 2-5 of the algorithm (see the module doc) for unsharded matrices of one device
+        """Steps 2-4 of Algorithm 1 (see :mod:`.apollo_math`) for unsharded matrices of one device
         and dtype, from their projected gradients ``R``."""
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.item()
-        limit = group["norm_growth_limit"]
-        grads = [p.grad for p in params]
-        normalized = self._adam_normalized(
-            group,
+        workspace = self._workspace
+        normalized = apollo_math.adam_normalized(
             projected,
-            states,
-            self._workspace.take("normalized", [r.shape for r in projected], projected[0].dtype, projected[0].device),
-        )
-
-        # Scaling factors ||N|| / ||R||: per channel (rows of R when m >= n, else its columns)
-        # or per tensor; the limiter's update norms come from the norms of G, as
-        # ||G * factor|| = ||(norms of G) * factor||.
-        if group["scale_type"] == "channel":
-            factors = []
-            for p, r, n_ in zip(params, projected, normalized):
-                dim = 1 if p.shape[0] >= p.shape[1] else 0
-                norm_r = _channel_norms(r, dim, self._workspace).add_(_RATIO_EPS)
-                factors.append(_channel_norms(n_, dim, self._workspace).div_(norm_r))
-            if limit is not None:
-                assert grad_norms is not None  # _apollo_step takes them when the limiter is on
-                update_norms = torch.stack([torch.linalg.vector_norm(f * g) for f, g in zip(factors, grad_norms)])
-                limiters = self._norm_limiters(update_norms.float(), states, limit)
-                torch._foreach_div_(factors, limiters.to(factors[0].dtype).unbind())
-        else:
-            # One factor per matrix: a vector of them, so that this is a few vector operations.
-            factor_vector = torch.stack(torch._foreach_norm(normalized))
-            factor_vector.div_(torch.stack(torch._foreach_norm(projected)).add_(_RATIO_EPS))
-            if limit is not None:
-                assert grad_norms is not None
-                update_norms = torch.stack(grad_norms).float() * factor_vector.float()
-                factor_vector.div_(self._norm_limiters(update_norms, states, limit).to(factor_vector.dtype))
-            factors = list(factor_vector.unbind())
-
-        weights = list(params)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
-        factors = [f if f.dtype == g.dtype else f.to(g.dtype) for f, g in zip(factors, grads)]
-        torch._foreach_addcmul_(weights, grads, factors, value=-lr * math.sqrt(group["scale"]))
-
-    @staticmethod
-    def _adam_normalized(
-        group: dict[str, Any],
-        projected: list[torch.Tensor],
-        states: list[dict[str, torch.Tensor]],
-        normalized: list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Advance the Adam moments (and ``step``) with the projected gradients ``R`` and return
-        ``N = M̂ / (sqrt(V̂) + eps)``, written into ``normalized`` if given (else new tensors);
-        the moments may be local views of sharded state.
-
-        Uses torch's own AdamW kernels (fused on the CPU, foreach elsewhere, as for the AdamW
-        groups): a zero "weight" stepped with lr=-1 and no decay becomes ``N``, in one pass
-        over the moments.
-        """
-        beta1, beta2 = group["betas"]
-        if normalized is None:
-            normalized = [torch.zeros_like(r) for r in projected]
-        else:
-            torch._foreach_zero_(normalized)
-        on_cpu = all(r.device.type == "cpu" for r in projected)
-        functional_adamw(
-            normalized,
-            projected,
-            [_local(s["exp_avg"]) for s in states],
-            [_local(s["exp_avg_sq"]) for s in states],
-            [],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
-            foreach=not on_cpu,
-            fused=on_cpu,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=-1.0,
-            weight_decay=0.0,
-            eps=group["eps"],
-            maximize=False,
+            betas=hyper.betas,
+            eps=hyper.eps,
+            out=workspace.take("normalized", [r.shape for r in projected], projected[0].dtype, projected[0].device),
         )
-        return normalized
-
-    @staticmethod
-    def _norm_limiters(update_norms: torch.Tensor, states: list[dict[str, torch.Tensor]], limit: float) -> torch.Tensor:
-        """The norm-growth limiter: given each update's norm ``||grad * factor||`` (a float32
-        vector, one per matrix of ``states``), the divisors of the factors that keep it from
-        growing more than ``limit``-fold since the last step; remembers the limited norms.
-
-        Vectorised across matrices, without a host sync, and without materialising
-        ``grad * factor``."""
-        prevs = [s["prev_update_norm"] for s in states]
-        limiters = update_norms / torch.stack(prevs).add_(_RATIO_EPS)
-        limiters.clamp_min_(limit).div_(limit)
-        torch._foreach_copy_(prevs, (update_norms / limiters).unbind())
-        return limiters
+        channel_dims = [apollo_math.channel_dim(p.shape) for p in params]
+        factors = apollo_math.SCALING_RULES[hyper.scale_type].factors(normalized, projected, channel_dims, workspace)
+        if hyper.norm_growth_limit is not None:
+            assert grad_norms is not None  # _apollo_step takes them when the limiter is on
+            apollo_math.limit_norm_growth_(
+                factors,
+                apollo_math.update_norms(factors, grad_norms),
+                [s["prev_update_norm"] for s in states],
+                hyper.norm_growth_limit,
+            )
+        apollo_math.apply_update_(
+            list(params),
+            [p.grad for p in params],
+            factors,
+            lr=hyper.lr,
+            weight_decay=hyper.weight_decay,
+            scale=hyper.scale,
+        )
 
     # ------------------------------------------------------------------ memory
     def projection_cache_bytes(self) -> int:

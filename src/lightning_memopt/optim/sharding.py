@@ -33,8 +33,10 @@ the DTensor's own layout (:func:`row_layout`). The state holds only tensors, and
 state is a DTensor, so ``torch.distributed.checkpoint`` saves, loads and re-shards it (2
 ranks to 1 and back); the global state equals the state of the same run on one device.
 
-Nothing here imports a trainer; :class:`~lightning_memopt.optim.APOLLO` dispatches its
-DTensor parameters to :func:`apollo_step_sharded` by itself.
+The math is :mod:`.apollo_math`'s, called as on whole matrices; this module adds only the
+collectives. Nothing here imports a trainer or the optimizer: :class:`~lightning_memopt.optim.APOLLO`
+dispatches its DTensor parameters to :func:`apollo_step_sharded` by itself, with their state
+and projections.
 
 Example (two processes, each after ``torch.distributed.init_process_group("gloo")``):
     >>> # from torch.distributed.fsdp import fully_shard
@@ -45,7 +47,6 @@ Example (two processes, each after ``torch.distributed.init_process_group("gloo"
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,12 +55,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .projection import project_gradient
+from .apollo_math import (
+    ApolloHyperparameters,
+    adam_normalized,
+    apply_update_,
+    channel_dim,
+    channel_scaling,
+    limit_norm_growth_,
+    norm_ratio,
+    project_gradient,
+)
+from .kernels import channel_norms
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
-
-    from .apollo import APOLLO
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -276,35 +285,31 @@ def all_ranks_finite(local_ok: bool, tensors: Sequence[torch.Tensor]) -> bool:
 
 
 # ---------------------------------------------------------------------- the step
-def apollo_step_sharded(optimizer: APOLLO, group: dict[str, Any], params: Sequence[torch.Tensor]) -> None:
-    """One APOLLO step for the DTensor matrices ``params`` of ``group`` (see the module doc).
+def apollo_step_sharded(
+    params: Sequence[torch.Tensor],
+    states: Sequence[dict[str, torch.Tensor]],
+    projections: Sequence[torch.Tensor],
+    hyper: ApolloHyperparameters,
+) -> None:
+    """One APOLLO step for the DTensor matrices ``params`` (see the module doc).
 
-    The same algorithm as :meth:`APOLLO._apollo_step` on the whole matrices (its Adam kernel,
-    channel norms and norm-growth limiter are called as they are), with the collectives that
-    sharding needs; the results agree up to float rounding. Every rank of the mesh must call
-    it with the same parameters, in the same order.
+    The functions of :mod:`.apollo_math`, as on whole matrices, on this rank's rows, with the
+    collectives that sharding needs; the results agree with one device up to float rounding.
+    ``states`` are the matrices' APOLLO states (DTensor moments, see :func:`zeros_like_layout`)
+    and ``projections`` their whole projections ``P`` for this step, as the optimizer keeps
+    them. Every rank of the mesh must call it with the same parameters, in the same order.
 
     Example (inside a process group, after ``fully_shard(model)``):
         >>> # opt = APOLLO(apollo_param_groups(model, "all-linear"), lr=1e-3)
         >>> # loss.backward(); opt.step()   # APOLLO.step calls apollo_step_sharded for DTensors
     """
-    from .apollo import _RATIO_EPS, _channel_norms  # apollo.py imports this module
-
-    lr, weight_decay = group["lr"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        lr = lr.item()
-    gap, limit = group["update_proj_gap"], group["norm_growth_limit"]
-    channel = group["scale_type"] == "channel"
-
-    layouts, channel_dims, grads, projected, states = [], [], [], [], []
-    for p in params:
+    layouts, channel_dims, grads, projected = [], [], [], []
+    for p, proj in zip(params, projections):
         layout = row_layout(p)
-        state = optimizer.state[p] if optimizer.state[p] else optimizer._init_low_rank_state(group, p)
         m, n = p.shape
-        rank = state["exp_avg"].shape[1] if m >= n else state["exp_avg"].shape[0]
-        # The Adam kernel advances the step counter; this step is the next one.
-        proj = optimizer._projection(p, state, int(state["step"]) // gap, rank)
+        rank = proj.shape[0] if m >= n else proj.shape[1]
         grad = local_view(p.grad)
+        # Algorithm 1, step 1, on this rank's rows [a, b) of G.
         if m >= n:  # R[a:b] = G[a:b] Pᵀ: local.
             r_local = project_gradient(grad, proj, tall=True)
         elif layout.group is None:
@@ -316,47 +321,62 @@ def apollo_step_sharded(optimizer: APOLLO, group: dict[str, Any], params: Sequen
             torch.mm(grad.T.to(proj.dtype), proj[layout.rows], out=partial_t[:n])
             r_local = _reduce_scatter_columns(layout, partial_t, n).to(grad.dtype)
         layouts.append(layout)
-        channel_dims.append(1 if m >= n else 0)
+        channel_dims.append(channel_dim(p.shape))
         grads.append(grad)
         projected.append(r_local)
-        states.append(state)
 
-    # Adam on this rank's slice of R: elementwise, no collective.
-    normalized = optimizer._adam_normalized(group, projected, states)
+    # Step 2: Adam on this rank's slice of R: elementwise, no collective.
+    normalized = adam_normalized(
+        projected,
+        [local_view(s["exp_avg"]) for s in states],
+        [local_view(s["exp_avg_sq"]) for s in states],
+        [s["step"] for s in states],
+        betas=hyper.betas,
+        eps=hyper.eps,
+    )
 
-    # Scaling factors ||N|| / ||R||. Channel: local for m >= n (rows), all-gathered for m < n
-    # (columns); tensor: from global squared norms.
-    if channel:
+    # Step 3: the scaling factors. Channel: each channel is whole on one rank (a row of R for
+    # m >= n; a column, after the reduce-scatter, for m < n), then all-gathered for m < n, as
+    # every rank scales all n columns of its rows of G. Tensor: from global squared norms.
+    if hyper.scale_type == "channel":
         factors = []
         for p, layout, r, n_, dim in zip(params, layouts, projected, normalized, channel_dims):
-            factor = _channel_norms(n_, dim).div_(_channel_norms(r, dim).add_(_RATIO_EPS))
+            factor = channel_scaling(n_, r, dim)
             if dim == 0 and layout.group is not None:
                 factor = _all_gather_columns(layout, factor.reshape(-1), p.shape[1]).unsqueeze(0)
             factors.append(factor)
-    else:
+    elif hyper.scale_type == "tensor":
         squares = [
             torch.stack([n_.float().square().sum(), r.float().square().sum()]) for r, n_ in zip(projected, normalized)
         ]
         factors = []
         for r, totals in zip(projected, all_reduce_sums(layouts, squares)):
             norm_n, norm_r = totals.sqrt()
-            factors.append((norm_n / (norm_r + _RATIO_EPS)).to(r.dtype))
+            factors.append(norm_ratio(norm_n, norm_r).to(r.dtype))
+    else:
+        raise NotImplementedError(
+            f"APOLLO: scale_type={hyper.scale_type!r} has no sharded (FSDP2) step yet; use 'channel' or 'tensor' "
+            "with apollo_fsdp, or write its collectives in optim/sharding.py."
+        )
     del normalized, projected
 
-    if limit is not None:
-        # ||G * factor||², summed over this rank's entries, then over the ranks.
+    if hyper.norm_growth_limit is not None:
+        # ||G·diag(s)||², summed over this rank's entries, then over the ranks.
         partial = []
         for grad, factor, dim in zip(grads, factors, channel_dims):
-            if channel:
-                partial.append((factor * _channel_norms(grad, dim)).float().square().sum().reshape(1))
+            if factor.dim():
+                partial.append((factor * channel_norms(grad, dim)).float().square().sum().reshape(1))
             else:
                 partial.append((factor.float().square() * grad.float().square().sum()).reshape(1))
-        update_norms = torch.stack([total.sqrt().reshape(()) for total in all_reduce_sums(layouts, partial)])
-        limiters = optimizer._norm_limiters(update_norms, states, limit).unbind()
-        torch._foreach_div_(factors, [lim.to(f.dtype) for lim, f in zip(limiters, factors)])
+        norms = torch.stack([total.sqrt().reshape(()) for total in all_reduce_sums(layouts, partial)])
+        limit_norm_growth_(factors, norms, [s["prev_update_norm"] for s in states], hyper.norm_growth_limit)
 
-    weights = [local_view(p) for p in params]
-    if weight_decay != 0.0:
-        torch._foreach_mul_(weights, 1.0 - lr * weight_decay)
-    factors = [f.to(g.dtype) for f, g in zip(factors, grads)]
-    torch._foreach_addcmul_(weights, grads, factors, value=-lr * math.sqrt(group["scale"]))
+    # Step 4, on this rank's rows of W.
+    apply_update_(
+        [local_view(p) for p in params],
+        grads,
+        factors,
+        lr=hyper.lr,
+        weight_decay=hyper.weight_decay,
+        scale=hyper.scale,
+    )
