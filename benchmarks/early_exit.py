@@ -77,7 +77,8 @@ FULL = {
     "prompt_len": 32,
     "new_tokens": 64,
     "repeats": 3,
-    "spec": [[1, 4], [3, 4], [3, 6], [5, 6]],
+    # exit layer, draft length[, draft confidence: end a draft after a token the exit is unsure of]
+    "spec": [[3, 4], [3, 6], [5, 6], [3, 8, 0.3], [5, 8, 0.3]],
     "hf_assistant": [3],
     # Confidence thresholds: "auto" picks, on held-out blocks, the lowest threshold whose
     # teacher-forced agreement with the full model reaches each target (a small model trained for
@@ -233,9 +234,12 @@ def methods(model: torch.nn.Module, cfg: dict[str, Any], new: int) -> dict[str, 
     for layer in cfg["hf_assistant"]:
         table[f"HF assistant_early_exit={layer + 1}"] = lambda p, e=layer + 1: hf(p, assistant_early_exit=e)
     table["ours, full model"] = lambda p: early_exit_generate(model, p, new, threshold=1.0)
-    for layer, draft in cfg["spec"]:
-        table[f"self-speculative exit {layer}, draft {draft}"] = lambda p, e=layer, k=draft: self_speculative_generate(
-            model, p, new, exit_layer=e, num_draft_tokens=k
+    for layer, draft, *confidence in cfg["spec"]:
+        name = f"self-speculative exit {layer}, draft {draft}" + (
+            f", stop below p {confidence[0]}" if confidence else ""
+        )
+        table[name] = lambda p, e=layer, k=draft, c=(confidence or [0.0])[0]: self_speculative_generate(
+            model, p, new, exit_layer=e, num_draft_tokens=k, draft_confidence=c
         )
     for threshold in cfg["chosen_thresholds"]:
         table[f"confidence exit {threshold:g}"] = lambda p, t=threshold: early_exit_generate(model, p, new, threshold=t)

@@ -99,6 +99,17 @@ def test_self_speculative_equals_greedy_on_a_trained_model(trained: nn.Module, e
     assert accepted > 0  # trained exits agree with the final layer some of the time: rounds keep drafts
 
 
+def test_draft_confidence_ends_drafts_early_and_stays_lossless(trained: nn.Module) -> None:
+    drafted = {}
+    for confidence in (0.0, 0.5):
+        drafted[confidence] = 0
+        for prompt in text_prompts():
+            out = self_speculative_generate(trained, prompt, 24, 1, num_draft_tokens=6, draft_confidence=confidence)
+            assert torch.equal(out.sequences, greedy(trained, prompt, 24))
+            drafted[confidence] += out.drafted_tokens
+    assert drafted[0.5] < drafted[0.0]
+
+
 def test_exit_equal_to_final_accepts_every_draft_and_crops_rejections() -> None:
     base = tiny()
     same = silence_after(base, 1, 0.0)
@@ -180,6 +191,7 @@ def test_old_import_path_still_works() -> None:
         ({"exit_layer": 1}, r"exit_layer=1 is not an exit of the model; its exits are \[0, 2\]"),
         ({"exit_layer": 0.0}, r"exit_layer=0.0 is not an int"),
         ({"exit_layer": 0, "num_draft_tokens": 0}, r"num_draft_tokens=0; use an int >= 1"),
+        ({"exit_layer": 0, "draft_confidence": 1.5}, r"draft_confidence=1.5; use a probability in \[0, 1\]"),
         ({"exit_layer": 0, "max_new_tokens": 0}, r"max_new_tokens=0; use an int >= 1"),
         ({"exit_layer": 0, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}, r"padded batches.*\[0\]"),
     ],

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .early_exit import _require_exits
-from .early_exit_decoding import _Decoder, _row_results_to_batch, check_decode_inputs
+from .early_exit_decoding import _check_decode_inputs, _Decoder, _row_results_to_batch
 
 __all__ = ["SelfSpeculativeOutput", "self_speculative_generate"]
 
@@ -93,6 +93,7 @@ def self_speculative_generate(
     num_draft_tokens: int = 4,
     eos_token_id: int | None = None,
     *,
+    draft_confidence: float = 0.0,
     attention_mask: torch.Tensor | None = None,
 ) -> SelfSpeculativeOutput:
     """Greedy decoding, drafted by the exit at ``exit_layer`` and verified by the full model.
@@ -109,6 +110,9 @@ def self_speculative_generate(
         exit_layer: the exit that drafts: one of the model's exit layers.
         num_draft_tokens: tokens drafted per round (>= 1).
         eos_token_id: stop a row after this token.
+        draft_confidence: end a round's draft early after a token whose top exit probability is
+            below this (0: always draft ``num_draft_tokens``). A draft token the exit is unsure of
+            is likely rejected, and every token drafted after it is wasted work.
         attention_mask: optional; padding (zeros) is refused with a ``ValueError``.
 
     Raises:
@@ -143,7 +147,9 @@ def self_speculative_generate(
         )
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"{caller}: num_draft_tokens={num_draft_tokens!r}; use an int >= 1 (4 is a good start).")
-    check_decode_inputs(caller, input_ids, max_new_tokens, attention_mask)
+    if not 0.0 <= draft_confidence <= 1.0:
+        raise ValueError(f"{caller}: draft_confidence={draft_confidence!r}; use a probability in [0, 1] (0: off).")
+    _check_decode_inputs(caller, input_ids, max_new_tokens, attention_mask)
     decoder = _Decoder(model, exits, caller, input_ids.shape[1] + max_new_tokens + num_draft_tokens + 1)
     was_training = model.training
     model.eval()
@@ -152,7 +158,7 @@ def self_speculative_generate(
     try:
         for row in input_ids:
             tokens, *stats = _speculate_row(
-                decoder, row[None], max_new_tokens, exit_layer, num_draft_tokens, eos_token_id
+                decoder, row[None], max_new_tokens, exit_layer, num_draft_tokens, eos_token_id, draft_confidence
             )
             rows.append(tokens)
             totals = [a + b for a, b in zip(totals, stats)]
@@ -170,6 +176,7 @@ def _speculate_row(
     exit_layer: int,
     num_draft: int,
     eos_token_id: int | None,
+    draft_confidence: float = 0.0,
 ) -> tuple[list[int], int, int, int, int]:
     num_layers = decoder.num_layers
     draft_head, final_head = decoder.exits.heads[exit_layer], decoder.exits.final_head
@@ -190,16 +197,22 @@ def _speculate_row(
         draft: list[torch.Tensor] = []
         states: list[torch.Tensor] = []
         current = pending
-        for i in range(k + 1):
+        i = 0
+        while True:
             # Draft blocks for `current` (the pending token, then each draft token). The last
             # draft token runs them too, without the head, so that verification yields the bonus.
             hidden = decoder.embed(current)
             for layer in range(exit_layer + 1):
                 hidden = decoder.block(layer, hidden, n - 1 + i, cache)
             states.append(hidden)
-            if i < k:
-                current = draft_head(hidden).argmax(-1)
-                draft.append(current)
+            if i == k:
+                break
+            logits = draft_head(hidden)
+            current = logits.argmax(-1)
+            draft.append(current)
+            i += 1
+            if draft_confidence > 0 and float(logits[0, -1].float().softmax(-1).max()) < draft_confidence:
+                k = i  # unsure: verify what we have rather than draft on a likely-wrong token
         # Verify: the deep blocks on all k + 1 positions at once, from the draft's hidden states.
         hidden = torch.cat(states, dim=1)
         for layer in range(exit_layer + 1, num_layers):
