@@ -47,7 +47,7 @@ import torch
 from torch.optim.adamw import adamw as functional_adamw
 
 from . import apollo_math
-from .apollo_math import SCALE_TYPES, ApolloHyperparameters, low_rank_shape
+from .apollo_math import SCALE_TYPES, ApolloHyperparameters, low_rank_shape  # noqa: F401 (SCALE_TYPES: public here)
 from .kernels import BLOCK_8BIT, all_finite, blockwise_chunks, project_into
 from .sharding import all_ranks_finite, apollo_step_sharded, is_dtensor, zeros_like_layout
 from .sharding import local_view as _local
@@ -538,10 +538,11 @@ class APOLLO(torch.optim.Optimizer):
         rank = group["rank"]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"APOLLO: invalid rank={rank!r} in {where}; use a positive integer such as 256.")
-        if group["scale_type"] not in SCALE_TYPES:
+        # Read from the rules themselves: a rule added to SCALING_RULES is accepted at once.
+        if not isinstance(group["scale_type"], str) or group["scale_type"] not in apollo_math.SCALING_RULES:
             raise ValueError(
                 f"APOLLO: unknown scale_type={group['scale_type']!r} in {where}; "
-                f"choose one of {', '.join(repr(s) for s in SCALE_TYPES)}."
+                f"choose one of {', '.join(repr(s) for s in apollo_math.SCALING_RULES)}."
             )
         if not _is_finite_number(group["scale"]) or group["scale"] <= 0:
             raise ValueError(f"APOLLO: invalid scale={group['scale']!r} in {where}; use a finite number > 0.")
