@@ -1,7 +1,10 @@
 """Find the repeated transformer blocks of a model: the unit of sharding and checkpointing.
 
-FSDP2 shards per block and activation checkpointing wraps per block, so both ask the same
-question, answered once here: which module class repeats as the model's layer stack?
+FSDP2 shards per block, activation checkpointing wraps per block, and APOLLO's default
+low-rank layers (:func:`lightning_memopt.optim.select_low_rank_modules`) are the linears inside
+the blocks, so all three ask the same question, answered once here: which module class repeats
+as the model's layer stack? This module needs torch only (``optim/`` imports it and must not
+import transformers).
 
 Example:
     >>> from torch import nn
@@ -26,17 +29,31 @@ def _classes_by_name(model: nn.Module, names: Iterable[str]) -> set[type[nn.Modu
     return {type(m) for m in model.modules() if type(m).__name__ in wanted}
 
 
-def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The block classes of ``model``: HF's ``_no_split_modules`` if it declares them, else
-    the class that fills the longest ``nn.ModuleList`` of identical modules.
+def _declared_block_names(model: nn.Module) -> list[str]:
+    """HF's ``_no_split_modules`` of ``model`` or of any HF model inside it (a LightningModule
+    or an ``nn.Sequential`` that holds one): the model's own word on what a block is."""
+    names: list[str] = []
+    for module in model.modules():
+        for name in getattr(module, "_no_split_modules", None) or ():
+            if name not in names:
+                names.append(name)
+    return names
 
-    Returns an empty set when the model has no repeated block.
+
+def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The block classes of ``model``: HF's ``_no_split_modules`` if it (or an HF model inside
+    it) declares them, else the class that fills the longest ``nn.ModuleList`` of identical
+    modules.
+
+    The one definition of "transformer block": FSDP2 shards per block, activation
+    checkpointing wraps per block, and APOLLO's default low-rank layers are the linears inside
+    the blocks. Returns an empty set when the model has no repeated block.
 
     Example:
         >>> transformer_block_classes(nn.Linear(2, 2))
         set()
     """
-    declared = getattr(model, "_no_split_modules", None)
+    declared = _declared_block_names(model)
     if declared:
         classes = _classes_by_name(model, declared)
         if classes:

@@ -17,6 +17,9 @@ from typing import Any
 
 from torch import nn
 
+# blocks.py needs torch only (no transformers), as optim/ must.
+from ..layers.blocks import find_transformer_blocks
+
 TargetModules = str | Sequence[str] | None
 
 # Modules that produce the model's output: they stay with AdamW under "all-linear", as in
@@ -38,28 +41,30 @@ def _is_output_head(name: str) -> bool:
 
 
 def _block_linear_names(model: nn.Module) -> list[str]:
-    """Linear layers that live inside a repeated block (an element of an ``nn.ModuleList``).
+    """Linear layers inside the model's transformer blocks (:mod:`lightning_memopt.layers.blocks`).
 
-    This is how transformer models lay out their attention and MLP layers (LLaMA's
-    ``model.layers.N``, BERT's ``encoder.layer.N``, GPT-2's ``transformer.h.N``), while
-    embeddings, poolers and output heads stay outside.
+    The blocks are the unit FSDP2 shards and activation checkpointing wraps, found one way for
+    all three: HF's ``_no_split_modules``, else the longest ``nn.ModuleList`` of identical
+    modules. Their linears are the attention and MLP layers (LLaMA's ``model.layers.N``, BERT's
+    ``encoder.layer.N``, GPT-2's ``transformer.h.N``), while embeddings, poolers and output
+    heads stay outside.
     """
-    names = []
-    for list_name, module_list in model.named_modules():
-        if not isinstance(module_list, nn.ModuleList):
-            continue
-        for sub_name, sub in module_list.named_modules():
-            if sub_name and isinstance(sub, nn.Linear):
-                names.append(f"{list_name}.{sub_name}" if list_name else sub_name)
-    return sorted(set(names))
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for block in find_transformer_blocks(model):
+        for sub in block.modules():
+            if isinstance(sub, nn.Linear):  # the block itself too, when it is a linear layer
+                found.append(names[id(sub)])
+    return sorted(set(found))
 
 
 def select_low_rank_modules(model: nn.Module, target_modules: TargetModules = None) -> list[str]:
     """Names of the modules whose 2-D ``weight`` gets the low-rank update.
 
     ``target_modules``:
-      - ``None`` (default): the ``nn.Linear`` layers inside the model's repeated blocks
-        (attention and MLP of a transformer); if the model has no ``nn.ModuleList``, every
+      - ``None`` (default): the ``nn.Linear`` layers inside the model's transformer blocks
+        (attention and MLP; the blocks of :func:`~lightning_memopt.layers.find_transformer_blocks`,
+        which FSDP2 shards and checkpointing wraps); if the model has no repeated block, every
         linear layer except the output head.
       - ``"all-linear"``: every ``nn.Linear`` except the output head (``lm_head``, ...).
       - any other string: a regular expression searched in each module's qualified name.
