@@ -129,6 +129,7 @@ def test_dedupe_keeps_other_libraries_duplicates() -> None:
     assert kept[1].init_args.x == 1
 
 
+@pytest.mark.slow
 def test_fit_ends_with_the_summary(capsys) -> None:
     cli = run_cli(
         [
@@ -167,6 +168,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "120"}
 
 
+@pytest.mark.slow
 def test_the_lightning_memopt_command(tmp_path: Path) -> None:
     """The installed console script trains the default with TensorBoard logs and a memory report."""
     command = [

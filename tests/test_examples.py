@@ -26,6 +26,7 @@ def test_there_are_examples() -> None:
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_example_runs_fast(script: Path, tmp_path: Path, tmp_path_factory) -> None:
     assert "--fast" in script.read_text(), f"{script.name} needs a --fast flag for this smoke test"
     env = {**os.environ, "LIGHTNING_MEMOPT_CACHE": str(tmp_path_factory.getbasetemp() / "memopt_cache")}

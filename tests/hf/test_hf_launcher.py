@@ -55,6 +55,7 @@ def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_launcher_runs_an_unmodified_script_with_our_optimizer_names(tmp_path: Path) -> None:
     args = script_args(tmp_path)
     launched = run([sys.executable, "-m", "lightning_memopt.hf", str(SCRIPT), *args], tmp_path)

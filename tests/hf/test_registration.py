@@ -109,6 +109,7 @@ def _python(code: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_fresh_processes_both_import_orders_and_unpickling(tmp_path: Path) -> None:
     """Two fresh interpreters, run side by side."""
     blob = pickle.dumps(TrainingArguments(str(tmp_path), optim="apollo_layerwise", report_to=[]))

@@ -36,6 +36,7 @@ def train(model: torch.nn.Module, dataset: list[dict[str, Any]], output_dir: Pat
 
 
 # --------------------------------------------------------------------------- the real checkpoint
+@pytest.mark.slow
 def test_minilm_finetune_loss_falls_and_resume_continues(
     tmp_path: Path, minilm_path: Path, prose_code_dataset: list[dict[str, Any]]
 ) -> None:

@@ -7,9 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_memory_recipes_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("memory_recipes", ROOT / "benchmarks" / "memory_recipes.py")
     module = importlib.util.module_from_spec(spec)
@@ -31,6 +34,7 @@ def test_memory_recipes_smoke(tmp_path: Path) -> None:
     assert "| + INT8 weights |" in (tmp_path / "memory_recipes.md").read_text()
 
 
+@pytest.mark.slow
 def test_memory_recipes_repeats_give_a_tokens_per_s_spread(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("memory_recipes_repeats", ROOT / "benchmarks" / "memory_recipes.py")
     module = importlib.util.module_from_spec(spec)

@@ -166,6 +166,7 @@ ACTIVATION_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ACTIVATION_CASES))
+@pytest.mark.slow
 def test_activations_within_15_percent_of_the_measured_peak(case: str) -> None:
     settings = ACTIVATION_CASES[case]
     measured = measured_activations(settings)

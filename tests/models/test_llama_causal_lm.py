@@ -115,6 +115,7 @@ def test_warmup_cosine_schedule() -> None:
         open_ended.step()
 
 
+@pytest.mark.slow
 def test_fit_learns_logs_and_reloads(tmp_path, quiet_trainer) -> None:
     seed_everything(0)
     dm = TextDataModule(tokenizer="byte", seq_len=32, batch_size=8, max_chars=30_000, cache_dir=str(tmp_path))

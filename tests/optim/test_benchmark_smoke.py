@@ -83,6 +83,7 @@ def test_optimizer_step_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.usefixtures("single_thread")
+@pytest.mark.slow
 def test_optimizer_step_across_fresh_processes_reports_their_spread(tmp_path):
     bench = load_script()
     argv = ["--smoke", "--threads", "1", "--only", "adamw_fused", "apollo_mini", "--processes", "2"]

@@ -133,6 +133,7 @@ def test_names_are_registered_with_their_options() -> None:
     assert isinstance(trainer.strategy, ApolloFSDPStrategy)
 
 
+@pytest.mark.slow
 def test_import_registers_without_importing_lightning_first() -> None:
     """``import lightning_memopt`` leaves Lightning unimported; the names appear once it is imported."""
     code = (

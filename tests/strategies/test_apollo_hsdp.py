@@ -44,6 +44,7 @@ def test_apollo_hsdp_is_registered_with_lightnings_argument_names() -> None:
     "first_import",
     ["from lightning_memopt.strategies import ApolloFSDPStrategy", "import lightning_memopt.strategies.apollo_fsdp"],
 )
+@pytest.mark.slow
 def test_importing_the_strategy_first_registers_the_names(first_import: str) -> None:
     """The strategy module imports Lightning, whose import runs the registration hook while the
     module is half-imported: that used to fail with a circular ImportError."""
