@@ -117,7 +117,8 @@ CPU_ONLY_SKIPS = ("adamw_offload",)
 LOSS_CHUNK_TOKENS = 256
 
 SHAPES: dict[str, dict[str, int]] = {
-    # ~100M parameters: 59.5M in the blocks, 41M in the embeddings and the untied LM head.
+    # ~100M parameters: 59.5M in the blocks, 41M in the embeddings and the untied LM head; a size
+    # between the APOLLO paper's "60m" and "130m" (models/llama.py LLAMA_SIZES), 10 heads of 64.
     "100m": {
         "hidden": 640,
         "intermediate": 1728,

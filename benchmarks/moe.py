@@ -63,6 +63,7 @@ from lightning_memopt.layers.moe import GatedMLP
 TARGETS = {512: 1.3, 2048: 1.15}
 FULL = dict(hidden=512, intermediate=1024, experts=8, top_k=2, tokens=[512, 2048], repeats=7)
 SMOKE = dict(hidden=32, intermediate=64, experts=4, top_k=2, tokens=[64, 128], repeats=1)
+# The package's "tiny" LLaMA (models/llama.py: hidden 256, 4 blocks, 4 heads) with a 2 x hidden MLP.
 MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 SMOKE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 

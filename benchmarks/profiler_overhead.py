@@ -50,6 +50,7 @@ DEFAULT_INTERVAL = inspect.signature(MemoryTracker).parameters["interval"].defau
 TARGET = 0.01  # at most 1% of step time
 
 SHAPES: dict[str, dict[str, int]] = {
+    # Half the width of the package's "tiny" LLaMA (models/llama.py: hidden 256, MLP 688).
     "tiny": {"hidden": 128, "intermediate": 344, "layers": 4, "heads": 4, "vocab": 512, "seq": 64, "batch": 4},
     "smoke": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2, "vocab": 64, "seq": 16, "batch": 2},
 }
