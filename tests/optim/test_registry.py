@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,60 @@ def test_register_refuses_duplicates_unless_overwrite(monkeypatch):
     register_optimizer(OptimizerSpec("sgd_test", lambda: torch.optim.SGD, defaults={"momentum": 0.9}), overwrite=True)
     optimizer = create_optimizer("sgd_test", nn.Linear(2, 2), "lr=0.5,nesterov=true")
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
+
+
+def test_each_fact_of_a_builtin_lives_in_its_spec():
+    from lightning_memopt.optim.registry import hf_optimizer_names
+
+    assert hf_optimizer_names() == {
+        "apollo": "apollo",
+        "apollo_mini": "apollo_mini",
+        "apollo_layerwise": "apollo_layerwise",
+        "apollo_mini_layerwise": "apollo_mini_layerwise",
+    }
+    layouts = {name: get_optimizer_spec(name).layout() for name in available_optimizers()}
+    assert {k: layouts[k] for k in ("apollo", "apollo_mini_layerwise", "adamw", "adamw8bit")} == {
+        "apollo": "apollo",
+        "apollo_mini_layerwise": "apollo",
+        "adamw": "adamw",
+        "adamw8bit": "adamw8bit",
+    }
+    defaults = get_optimizer_spec("apollo_mini").option_defaults()
+    assert (defaults["rank"], defaults["scale_type"], defaults["lr"]) == (1, "tensor", 1e-3)
+    assert "params" not in defaults
+
+
+def test_constructor_options_is_the_one_signature_reader():
+    from lightning_memopt.optim.registry import constructor_options
+
+    options = constructor_options(APOLLO)
+    assert "self" not in options and options["params"].default is inspect.Parameter.empty
+    assert options["rank"].annotation is int and options["rank"].default == 256
+    assert constructor_options(lambda params, lr=0.1, *args, **kwargs: None) == {
+        "params": (inspect.Parameter.empty, inspect.Parameter.empty),
+        "lr": (inspect.Parameter.empty, 0.1),
+    }
+
+
+def test_spec_checks_its_hf_names_and_state_layout(monkeypatch):
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    assert OptimizerSpec("sgd_one_hf_name", lambda: torch.optim.SGD, hf_names="sgd_x").hf_names == ("sgd_x",)
+    with pytest.raises(ValueError, match="hf_names \\['not a name'\\] must be identifiers"):
+        OptimizerSpec("sgd_bad_hf_name", lambda: torch.optim.SGD, hf_names=("not a name",))
+    with pytest.raises(ValueError, match="state_layout='lion' is not one the memory estimator knows"):
+        OptimizerSpec("lion", lambda: torch.optim.SGD, state_layout="lion")
+    with pytest.raises(ValueError, match="already belong to \\['apollo_mini'\\]"):
+        register_optimizer(OptimizerSpec("mini_again", lambda: APOLLOMini, hf_names=("apollo_mini",)))
+    # Overwriting a name keeps its own HF name.
+    register_optimizer(get_optimizer_spec("apollo_mini"), overwrite=True)
+
+
+def test_find_optimizer_class_by_short_name():
+    from lightning_memopt.optim.registry import find_optimizer_class
+
+    assert find_optimizer_class("APOLLO") is APOLLO and find_optimizer_class("APOLLOMini") is APOLLOMini
+    assert find_optimizer_class("AdamW") is torch.optim.AdamW
+    assert find_optimizer_class("Nope") is None
 
 
 # ----------------------------------------------------------------------------- options
