@@ -63,7 +63,7 @@ def finite_witness(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dim() == 0 and tensor.dtype == torch.float32:  # a norm already
         return tensor
     if tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.numel() >= 2 * FINITE_DOT_MIN:
-        # Why: on the CPU a dot product reads two streams at once, about 1.4x the bandwidth of a sum.
+        # Why: on the CPU a dot product reads two streams at once, drawing more bandwidth than a sum.
         flat = tensor.view(-1)
         half = flat.numel() // 2
         witness = torch.dot(flat[:half], flat[half : 2 * half])
@@ -81,8 +81,8 @@ def frobenius_norm(matrix: torch.Tensor) -> torch.Tensor:
         tensor(5.)
     """
     if matrix.is_contiguous() and matrix.dtype in (torch.float32, torch.float64) and matrix.numel():
-        # Why: a BLAS dot product of the matrix with itself is one vectorised read, about twice
-        # as fast on the CPU as vector_norm (it overflows to inf only for entries beyond ~1e19).
+        # Why: a BLAS dot product of the matrix with itself is one vectorised read, faster on the
+        # CPU than vector_norm (it overflows to inf only for entries beyond ~1e19).
         flat = matrix.view(-1)
         return torch.dot(flat, flat).sqrt_()
     return torch.linalg.vector_norm(matrix)
@@ -99,7 +99,7 @@ def channel_norms(matrix: torch.Tensor, dim: int, workspace: Workspace | None = 
         tensor([[5., 1.]])
     """
     if dim == 0 and matrix.dtype in (torch.float32, torch.float64):
-        # Why: vector_norm reduces the leading dimension of a row-major matrix ~7x slower on the
+        # Why: vector_norm reduces the leading dimension of a row-major matrix far slower on the
         # CPU than summing its squared rows.
         rows, cols = matrix.shape
         if matrix.device.type != "cpu" or rows <= COLUMN_NORM_ROWS:

@@ -4,8 +4,8 @@ An APOLLO step needs temporaries the size of a matrix's projected gradient (``R`
 and, with a low-precision projection, a low-precision copy of a gradient. Allocating them
 afresh every step costs little on a GPU (PyTorch's caching allocator hands the same blocks
 back), but on the CPU a large allocation comes from the operating system as fresh pages,
-and the first touch of each page faults: measured on a 2-core VM, these faults cost an
-APOLLO rank-256 step of a 60M-parameter model more time than its arithmetic. So on the
+and the first touch of each page faults, which on a small CPU costs an APOLLO step more than
+its arithmetic (figures: ``benchmarks/results/optimizer_step_history.md``). So on the
 CPU a :class:`Workspace` keeps one flat buffer per role, grown to the largest request and
 handed out again as views; on other devices it simply allocates, and the caching allocator
 does the reuse (a persistent buffer would only hold memory during forward and backward).
