@@ -129,6 +129,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(run, tmp_path: Path) -> None:
                 assert torch.equal(value, states_b[index][key]), (index, key)
 
 
+@pytest.mark.slow  # four runs of the command, about a minute on two idle cores
 def test_sigterm_then_predict_validate_and_a_second_run(run, tmp_path: Path) -> None:
     """A scheduler's SIGTERM also checkpoints (exit 143); predict continues prompts from that
     checkpoint into predictions.jsonl; validate without --ckpt_path warns; a run that ends
