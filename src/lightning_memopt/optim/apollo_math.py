@@ -170,7 +170,7 @@ def adam_normalized(
 
     Example:
         >>> r, m, v = [torch.tensor([[2.0, -3.0]])], [torch.zeros(1, 2)], [torch.zeros(1, 2)]
-        >>> adam_normalized(r, m, v, [torch.tensor(0.0)], betas=(0.9, 0.99), eps=0.0)
+        >>> [n.round() for n in adam_normalized(r, m, v, [torch.tensor(0.0)], betas=(0.9, 0.99), eps=0.0)]
         [tensor([[ 1., -1.]])]
     """
     if out is None:

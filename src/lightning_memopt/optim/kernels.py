@@ -176,7 +176,7 @@ def adam_direction_(
     Example:
         >>> out, g = [torch.zeros(3)], [torch.tensor([1.0, -2.0, 0.5])]
         >>> adam_direction_(out, g, [torch.zeros(3)], [torch.zeros(3)], [torch.tensor(0.0)], 0.9, 0.999, 0.0)
-        >>> out[0]  # the first step is the sign of the gradient
+        >>> out[0].round()  # the first step is the sign of the gradient (up to eps-like rounding)
         tensor([ 1., -1.,  1.])
     """
     # Why: torch's own AdamW kernels (fused on the CPU, foreach elsewhere) do it in one pass over
