@@ -163,7 +163,7 @@ def _causal_mask(chunk: int, prefix: int, dtype: torch.dtype, device: torch.devi
     return mask.masked_fill(key > query, torch.finfo(dtype).min)[None, None]
 
 
-def check_decode_inputs(
+def _check_decode_inputs(
     caller: str, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None
 ) -> None:
     """The checks every decode entry point makes (shape, length, padding)."""
@@ -291,7 +291,7 @@ def early_exit_generate(
     start_time = time.perf_counter()
     caller = "early_exit_generate"
     exits = _require_exits(model, caller)
-    check_decode_inputs(caller, input_ids, max_new_tokens, attention_mask)
+    _check_decode_inputs(caller, input_ids, max_new_tokens, attention_mask)
     tried = exits.exit_layers if exit_layers is None else tuple(exit_layers)
     unknown = [layer for layer in tried if layer not in exits.exit_layers]
     if unknown:
