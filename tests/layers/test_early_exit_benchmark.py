@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow  # trains a tokenizer and a model, then decodes with five methods: ~45 s on a busy 2-core machine
 def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("early_exit_benchmark", ROOT / "benchmarks" / "early_exit.py")
     module = importlib.util.module_from_spec(spec)
