@@ -39,11 +39,12 @@ from lightning.pytorch.utilities import rank_zero_info
 import lightning_memopt  # noqa: F401  (registers strategies and optimizer names)
 from lightning_memopt.data import TextDataModule
 from lightning_memopt.models import CausalLM, WarmupCosineLR
-from lightning_memopt.optim import APOLLO, APOLLOMini
+from lightning_memopt.optim.registry import constructor_options, find_optimizer_class
 
 # Imported above so that their short names resolve in YAML (jsonargparse looks among the
-# imported subclasses of each argument's type).
-DEFAULT_CLASSES = (CausalLM, TextDataModule, WarmupCosineLR, APOLLO, APOLLOMini)
+# imported subclasses of each argument's type). Optimizer classes' short names (APOLLO,
+# APOLLOMini) come from the optimizer registry.
+DEFAULT_CLASSES = (CausalLM, TextDataModule, WarmupCosineLR)
 
 # Our callbacks and strategies, imported when present for the same reason.
 _SHORT_NAME_PROVIDERS = (
@@ -209,12 +210,10 @@ def _registry_spec(value: str) -> dict[str, Any] | None:
 def _default_init_args(cls: type) -> dict[str, Any]:
     """The constructor defaults of ``cls`` that a config can hold (JSON values)."""
     defaults: dict[str, Any] = {}
-    for name, parameter in inspect.signature(cls.__init__).parameters.items():
-        if name in ("self", "params", "optimizer") or parameter.default is inspect.Parameter.empty:
+    for name, option in constructor_options(cls).items():
+        if name in ("params", "optimizer") or option.default is inspect.Parameter.empty:
             continue
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        value = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        value = list(option.default) if isinstance(option.default, tuple) else option.default
         try:
             json.dumps(value)
         except TypeError:
@@ -251,6 +250,10 @@ def reset_on_class_switch(args: list[str]) -> list[str]:
         spec: dict[str, Any] | None = None
         if key.lstrip("-") in CLASS_SWITCH_KEYS and value:
             cls = _class_from_name(value)
+            if cls is None and key.lstrip("-").endswith("optimizer") and value[:1].isupper():
+                # An optimizer class's short name (APOLLOMini), from the registry. Class names
+                # only: a miss loads every registered optimizer, bitsandbytes included (seconds).
+                cls = find_optimizer_class(value)
             if cls is not None:
                 spec = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _default_init_args(cls)}
             elif key.lstrip("-").endswith("optimizer"):
@@ -296,7 +299,7 @@ def _takes_optimizer_callable(class_path: str | None) -> bool:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError):
         return False
-    return "optimizer" in inspect.signature(cls.__init__).parameters
+    return "optimizer" in constructor_options(cls)
 
 
 def _uses_fsdp(strategy: Any) -> bool:
