@@ -191,6 +191,7 @@ def test_the_lightning_memopt_command(tmp_path: Path) -> None:
     assert (version / "memory_report.json").exists()  # the run's report, in the run's folder
 
 
+@pytest.mark.slow
 def test_python_dash_m_lightning_memopt(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lightning_memopt", "fit", "--print_config"],
