@@ -51,6 +51,10 @@ class ConstructorOption(NamedTuple):
 
     ``annotation`` is the resolved type hint (``inspect.Parameter.empty`` when there is none);
     ``default`` is the default value (``inspect.Parameter.empty`` when the argument is required).
+
+    Example:
+        >>> constructor_options(APOLLO)["rank"]
+        ConstructorOption(annotation=<class 'int'>, default=256)
     """
 
     annotation: Any
@@ -268,7 +272,8 @@ def hf_optimizer_names() -> dict[str, str]:
 def find_optimizer_class(class_name: str) -> type[torch.optim.Optimizer] | None:
     """The registered optimizer class whose ``__name__`` is ``class_name`` (``"APOLLOMini"``), or None.
 
-    How the CLI resolves a class's short name; factories that fail to import are skipped.
+    How the CLI resolves a class's short name; factories that fail to load (a missing
+    package, a broken third-party loader) are skipped: they are not the class asked for.
 
     Example:
         >>> find_optimizer_class("APOLLOMini").__name__, find_optimizer_class("NoSuchOptimizer")
@@ -277,7 +282,7 @@ def find_optimizer_class(class_name: str) -> type[torch.optim.Optimizer] | None:
     for spec in _REGISTRY.values():
         try:
             factory = spec.factory
-        except ImportError:
+        except Exception:  # any failure means "not this one"; create_optimizer reports it
             continue
         if inspect.isclass(factory) and factory.__name__ == class_name:
             return factory
