@@ -235,3 +235,16 @@ def test_dense_step_still_matches_the_float64_reference():
     expected = reference_apollo(weights, grads, seeds_of(optimizer, params), **options)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_warnings_of_step_and_step_parameters_point_at_the_caller():
+    # step and step_parameters share one path; its warning names the user's line, not torch's wrappers.
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = APOLLO([weight], rank=2)
+    weight.grad = torch.full((4, 4), float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped a step") as caught:
+        optimizer.step()
+    with pytest.warns(RuntimeWarning, match="skipped the update of a parameter") as caught_too:
+        optimizer.step_parameters([weight])
+    assert {w.filename for w in [*caught, *caught_too]} == {__file__}
+    assert not optimizer.state[weight]

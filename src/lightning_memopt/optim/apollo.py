@@ -700,7 +700,8 @@ class APOLLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_groups([(group, group["params"]) for group in self.param_groups], _SKIPPED_STEP)
+        # Frames to the caller: this method, step, torch's no_grad and step-hook wrappers.
+        self._step_groups([(group, group["params"]) for group in self.param_groups], _SKIPPED_STEP, stacklevel=5)
         return loss
 
     @torch.no_grad()
@@ -726,12 +727,16 @@ class APOLLO(torch.optim.Optimizer):
         self._step_groups(
             [(group, [p for p in group["params"] if id(p) in wanted]) for group in self.param_groups],
             _SKIPPED_PARAMETERS,
+            stacklevel=4,  # this method, step_parameters, torch's no_grad wrapper, the caller
         )
 
-    def _step_groups(self, subsets: list[tuple[dict[str, Any], list[torch.Tensor]]], skipped: str) -> None:
+    def _step_groups(
+        self, subsets: list[tuple[dict[str, Any], list[torch.Tensor]]], skipped: str, stacklevel: int
+    ) -> None:
         """The one path of :meth:`step` and :meth:`step_parameters`: update the parameters of each
         ``(group, params)`` that hold a gradient; with ``check_finite``, none of them (warning
-        ``skipped``) when a gradient holds NaN or inf."""
+        ``skipped``, attributed ``stacklevel`` frames up: the caller's line) when a gradient holds
+        NaN or inf."""
         plan: list[_GroupPlan] = []
         for group, params in subsets:
             low_rank, adamw = [], []
@@ -749,7 +754,7 @@ class APOLLO(torch.optim.Optimizer):
             if part.low_rank and not any(is_dtensor(p) for p in part.low_rank):
                 part.prepared = self._prepare_low_rank(part.group, part.low_rank, projected)
         if self.check_finite and not self._grads_are_finite(plan):
-            warnings.warn(skipped, RuntimeWarning, stacklevel=3)
+            warnings.warn(skipped, RuntimeWarning, stacklevel=stacklevel)
             return
         for part in plan:
             if part.adamw:
