@@ -25,6 +25,22 @@ import torch.multiprocessing as mp
 import tiny_models
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once if this pytest process is a copy that Lightning's launcher started.
+
+    ``Trainer(devices=2).fit(...)`` inside a test makes Lightning re-run the script that started
+    the process, here the whole pytest command, as rank 1: the suite would run twice, and the
+    copy's death kills the real run. Multi-process tests go through ``run_ranks`` or a subprocess.
+    """
+    rank = os.environ.get("LOCAL_RANK")
+    if rank not in (None, "0"):
+        pytest.exit(
+            f"pytest started as LOCAL_RANK={rank}: a test ran a multi-device Lightning Trainer in the pytest process "
+            "(use the run_ranks fixture or a subprocess instead).",
+            returncode=3,
+        )
+
+
 @pytest.fixture
 def tiny_llama() -> Callable[..., torch.nn.Module]:
     """``tiny_llama(seed=0, **llama_config)``: a 2-block ``LlamaForCausalLM`` over bytes with
