@@ -17,7 +17,7 @@ from lightning_memopt.optim import gaussian_projection
 
 # Tall (m >= n: R = G Pᵀ, channels are rows), wide (m < n: R = Pᵀ G, channels are columns), square.
 SHAPES = [(12, 5), (6, 14), (7, 7)]
-# Wide, with more rows than the CPU's column norms add up at once (64; see _channel_norms).
+# Wide, with more rows than the CPU's column norms add up at once (64; see kernels.channel_norms).
 MANY_ROWS_WIDE = (70, 90)
 
 
