@@ -74,7 +74,6 @@ def test_fit_upcycles_before_the_optimizer_and_adds_the_aux_loss(tmp_path: Path,
     assert "train/moe_z_loss" in metrics and "train/moe_load/model.layers.1.mlp/3" in metrics
     # The loss that trains is the LM loss (logged as train/loss) plus the weighted aux losses.
     assert len(extra) == 4 and all(trained_on == pytest.approx(term, abs=1e-5) for trained_on, term in extra), extra
-    assert "moe_aux_loss" not in lm.loss_terms  # removed at teardown
     assert "configure_model" not in vars(lm)
 
 

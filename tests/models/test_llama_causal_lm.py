@@ -175,6 +175,11 @@ def test_chunked_loss_equals_the_models_own_loss() -> None:
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(plain.model.named_parameters(), chunked.model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The model's own forward computes it chunk by chunk in training (no logits), fully in eval.
+    ids = batch["input_ids"]
+    assert chunked.model(input_ids=ids, labels=ids).logits is None
+    chunked.model.eval()
+    assert chunked.model(input_ids=ids, labels=ids).logits.shape == (2, 40, 257)
 
 
 def test_chunked_loss_refuses_bad_sizes_and_other_heads() -> None:

@@ -7,14 +7,15 @@ model in ``configure_model`` and before ``configure_optimizers``: own exit heads
 is restored into the model with its exits. With :class:`~lightning_memopt.models.CausalLM`
 nothing else changes:
 
-- **Loss.** The exits' cross-entropies are added to the training loss through
-  ``CausalLM.loss_terms``, weighted relative to the final loss: ``final + sum_k (w_k / w_final)
-  * exit_k``, the weighted sum of :func:`~lightning_memopt.layers.early_exit_loss` divided by
-  the final loss's weight ``w_final`` (the same objective, scaled). ``train/loss`` stays the
-  final layer's loss, comparable with runs without exits.
+- **Loss.** ``add_early_exits`` makes the model's own ``forward`` return the early-exit
+  objective in training mode (the same value as :func:`~lightning_memopt.layers.early_exit_loss`,
+  ``w_final * final + sum_k w_k * exit_k``), so ``CausalLM`` trains it with no change and the
+  stock HF ``Trainer`` would too; the callback tells it the optimizer step (for the curriculum).
+  ``train/loss`` stays the final layer's loss, comparable with runs without exits.
 - **Logged** every step: ``train/exit_<layer>_loss`` for each exit that trained at that step
-  (a curriculum may switch some off). At the end of each validation: ``val/exit_<layer>_loss`` and
-  ``val/exit_<layer>_ppl``; ``val/loss`` and ``val/ppl`` stay the final layer's.
+  (a curriculum may switch some off): the parts the objective records. At the end of each
+  validation: ``val/exit_<layer>_loss`` and ``val/exit_<layer>_ppl``;
+  ``val/loss`` and ``val/ppl`` stay the final layer's.
 - **Memory.** Exit logits are built one exit at a time and recomputed in backward
   (``checkpoint_heads=True``), so the peak holds one ``batch x seq x vocab`` logits tensor
   for the exits, not one per exit.
@@ -29,8 +30,9 @@ A checkpoint of a run with ``share_head=False`` holds the exit heads
 (``model.early_exit_heads.*``): load it into a model with the same exits.
 
 Another LightningModule works if its network is ``pl_module.model``, is built in (or before)
-``configure_model``, its batches are dicts with ``input_ids`` (and optional ``labels``), and
-it has a ``loss_terms`` dict like ``CausalLM``'s.
+``configure_model``, its batches are dicts with ``input_ids`` (and optional ``labels``), and its
+``training_step`` trains ``self.model(input_ids=..., labels=...).loss`` (a module that does not
+is refused at its first step).
 
 Example:
     >>> import lightning as L
@@ -45,18 +47,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch import nn
 
 from ..layers.early_exit import CURRICULA, EarlyExits, add_early_exits, get_early_exits
-from .model_surgery import remove_model_surgery, run_after_configure_model
+from .model_surgery import ModelSurgery
 from .strategy_support import refuse_sharding_strategies
 
-_LOSS_TERM = "early_exit"
-# Strategies that shard the parameters: the exit heads run outside the root forward, unsharded.
 
-
-class EarlyExit(Callback):
+class EarlyExit(ModelSurgery):
     """Attach early exits to the model and train them with the final loss.
 
     Args:
@@ -82,6 +79,8 @@ class EarlyExit(Callback):
         >>> trainer = L.Trainer(callbacks=[cb], accelerator="cpu", logger=False)
     """
 
+    loss_parts = ("exit_",)
+
     def __init__(
         self,
         exit_layers: list[int],
@@ -92,6 +91,7 @@ class EarlyExit(Callback):
         curriculum_steps: int = 1,
         checkpoint_heads: bool = True,
     ) -> None:
+        super().__init__()
         self.exit_layers = _check_layers(exit_layers)
         if isinstance(loss_weights, str):
             if loss_weights != "layerskip":
@@ -106,8 +106,8 @@ class EarlyExit(Callback):
         elif len(loss_weights) > len(self.exit_layers) and not loss_weights[-1] > 0:
             raise ValueError(
                 f"EarlyExit: loss_weights={list(loss_weights)} gives the final loss weight {loss_weights[-1]}; the "
-                "exits' losses are added to the final loss (train/loss), so its weight must be > 0. Give one weight "
-                "per exit (the final loss weighs 1)."
+                "final layer (train/loss) would then not train, so its weight must be > 0. Give one weight per exit "
+                "(the final loss weighs 1)."
             )
         if curriculum not in CURRICULA:
             raise ValueError(f"EarlyExit: curriculum={curriculum!r}; use one of {list(CURRICULA)}.")
@@ -117,20 +117,33 @@ class EarlyExit(Callback):
         self.curriculum = curriculum
         self.curriculum_steps = curriculum_steps
         self.checkpoint_heads = checkpoint_heads
-        self._wrapped: pl.LightningModule | None = None
-        self._labels: torch.Tensor | None = None
         self._val_sums: dict[int, float] = {}
         self._val_batches = 0
 
     # -- attaching ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _network(pl_module: pl.LightningModule) -> nn.Module | None:
-        return getattr(pl_module, "model", None)
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        refuse_sharding_strategies(
+            "EarlyExit",
+            trainer,
+            "it shards the LM head and final norm, which the exits call outside the model's forward",
+        )
 
-    def _attach(self, pl_module: pl.LightningModule) -> EarlyExits:
-        network = self._network(pl_module)
-        if network is None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer)  # first: the strategy is the first thing a user must change
+        if stage == "fit" and not hasattr(pl_module, "model"):
+            raise TypeError(
+                f"EarlyExit attaches exits to the network in `pl_module.model`, which {type(pl_module).__name__} "
+                "lacks, and trains them through its own loss: build it in configure_model and train "
+                "`self.model(input_ids=..., labels=...).loss` (lightning_memopt.models.CausalLM does)."
+            )
+        super().setup(trainer, pl_module, stage)
+
+    def apply(self, pl_module: pl.LightningModule) -> None:
+        """Attach the exits to ``pl_module.model`` (a model that already has the same exits, from
+        a second fit, is left as it is)."""
+        network = self.network(pl_module)
+        if network is None or network is pl_module:
             raise RuntimeError(
                 f"EarlyExit: {type(pl_module).__name__}.model is still None after configure_model(); the callback "
                 "attaches exits to the network in `pl_module.model`."
@@ -143,8 +156,8 @@ class EarlyExit(Callback):
                     f"exits at {list(exits.exit_layers)} (share_head={exits.shared}); remove them with "
                     "lightning_memopt.layers.remove_early_exits(model) or use the same settings."
                 )
-            return exits  # a second fit (or validate) on the same model
-        return add_early_exits(
+            return
+        add_early_exits(
             network,
             self.exit_layers,
             share_head=self.share_head,
@@ -156,84 +169,18 @@ class EarlyExit(Callback):
         )
 
     def _exits(self, pl_module: pl.LightningModule) -> EarlyExits | None:
-        network = self._network(pl_module)
+        network = self.network(pl_module)
         return get_early_exits(network) if network is not None else None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharding_strategies(
-            "EarlyExit",
-            trainer,
-            "it shards the LM head and final norm, which the exits call outside the model's forward",
-        )
-        terms = getattr(pl_module, "loss_terms", None)
-        if stage == "fit" and not isinstance(terms, dict):
-            raise TypeError(
-                f"EarlyExit adds the exits' losses through a `loss_terms` dict, which {type(pl_module).__name__} "
-                "lacks (lightning_memopt.models.CausalLM has one). Train with "
-                "lightning_memopt.layers.early_exit_loss(self.model, input_ids).loss in your training_step instead."
-            )
-        if isinstance(terms, dict):
-            terms[_LOSS_TERM] = lambda: self._loss_term(pl_module)
-        if self._network(pl_module) is not None:
-            self._attach(pl_module)
-            return
-        # The model is built in configure_model, which Lightning calls right after this hook and
-        # before configure_optimizers and checkpoint restoring: attach the exits at the end of it.
-        run_after_configure_model(pl_module, lambda: self._attach(pl_module))
-        self._wrapped = pl_module
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:
-            remove_model_surgery(self._wrapped)
-            self._wrapped = None
-        terms = getattr(pl_module, "loss_terms", None)
-        if isinstance(terms, dict):
-            terms.pop(_LOSS_TERM, None)
+        super().teardown(trainer, pl_module, stage)
         exits = self._exits(pl_module)
         if exits is not None:
             exits.stop_capture()
 
-    # -- training ----------------------------------------------------------------------------------
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        exits = self._exits(pl_module)
-        if exits is not None:
-            self._labels = _labels(batch)
-            exits.start_capture()
-
-    def _loss_term(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        """The exits' share of the training loss, from the hidden states of this step's forward."""
-        exits = self._exits(pl_module)
-        hidden = exits.stop_capture() if exits is not None else {}
-        if exits is None or self._labels is None or not hidden:
-            raise RuntimeError(
-                "EarlyExit: no hidden states were captured in this training step: the loss term must be called "
-                "after the model's forward in training_step (CausalLM does)."
-            )
-        active = exits.active_exits(pl_module.global_step)
-        weights = exits.weights(active)
-        losses = exits.exit_losses(hidden, self._labels, active)
-        self._labels = None
-        term = sum(weights[layer] / weights["final"] * loss for layer, loss in losses.items())
-        for layer, loss in losses.items():
-            pl_module.log(f"train/exit_{layer}_loss", loss.detach(), on_step=True, on_epoch=False)
-        if isinstance(term, torch.Tensor):
-            return term
-        return torch.zeros((), device=self._device(pl_module))  # the curriculum switched every exit off
-
     @staticmethod
     def _device(pl_module: pl.LightningModule) -> torch.device:
         return next(pl_module.parameters()).device
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        exits = self._exits(pl_module)
-        if exits is not None:
-            exits.stop_capture()  # the step was skipped (or the term never ran): keep nothing
-        self._labels = None
 
     # -- validation --------------------------------------------------------------------------------
 

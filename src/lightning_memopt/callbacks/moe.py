@@ -7,9 +7,10 @@ builds its model in ``configure_model`` and before ``configure_optimizers``, so 
 holds the experts and routers, and a checkpoint (``ckpt_path=...``) is restored into the
 upcycled model. With :class:`~lightning_memopt.models.CausalLM` nothing else changes:
 
-- **Auxiliary losses.** ``aux_loss_weight * moe_aux_loss + z_loss_weight * moe_z_loss`` is
-  added to the training loss through ``CausalLM.loss_terms``; ``train/loss`` stays the
-  language-model loss.
+- **Auxiliary losses.** ``upcycle_to_moe`` makes the model's own ``forward`` add
+  ``aux_loss_weight * moe_aux_loss + z_loss_weight * moe_z_loss`` to its loss in training mode
+  (as transformers' Mixtral adds its router loss), so ``CausalLM`` trains with them unchanged;
+  ``train/loss`` stays the language-model loss.
 - **Logged** every step: ``train/moe_aux_loss`` (load balance, 1.0 = perfectly balanced),
   ``train/moe_z_loss``, ``train/moe_max_expert_load`` (the busiest expert's share of tokens
   times ``num_experts``, worst layer: 1.0 = balanced, ``num_experts`` = one expert takes all),
@@ -24,8 +25,9 @@ upcycled model. With :class:`~lightning_memopt.models.CausalLM` nothing else cha
   default.
 
 Another LightningModule works if its network is ``pl_module.model`` (or the module itself)
-and it either has a ``loss_terms`` dict like ``CausalLM`` or adds ``moe_aux_loss`` itself
-(then pass ``aux_loss_weight=0, z_loss_weight=0``).
+and it either trains ``self.model(input_ids=..., labels=...).loss`` like ``CausalLM`` or adds
+``moe_aux_loss`` itself (then pass ``aux_loss_weight=0, z_loss_weight=0``: the model's forward
+is then left as it is).
 
 Example:
     >>> import lightning as L
@@ -38,18 +40,22 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from ..layers import moe_aux_loss, moe_expert_loads, moe_layers, moe_z_loss, set_moe_modality, upcycle_to_moe
-from ..layers.moe import _check_routing
-from .model_surgery import remove_model_surgery, run_after_configure_model
+from ..layers import (
+    add_moe_loss,
+    check_moe_routing,
+    moe_aux_loss,
+    moe_expert_loads,
+    moe_layers,
+    moe_z_loss,
+    remove_moe_loss,
+    set_moe_modality,
+    upcycle_to_moe,
+)
+from .model_surgery import ModelSurgery
 
-_LOSS_TERM = "moe_aux_loss"
 
-
-class UpcycleToMoE(Callback):
+class UpcycleToMoE(ModelSurgery):
     """Upcycle the model's MLPs to mixtures of experts and train with the load-balancing loss.
 
     Args:
@@ -73,6 +79,9 @@ class UpcycleToMoE(Callback):
         >>> trainer = L.Trainer(callbacks=[moe], accelerator="cpu", logger=False)
     """
 
+    loss_parts = ("moe_",)
+    progress_bar_parts = ("moe_aux_loss",)
+
     def __init__(
         self,
         num_experts: int = 8,
@@ -85,13 +94,14 @@ class UpcycleToMoE(Callback):
         router_init_std: float = 0.02,
         log_expert_loads: bool = False,
     ) -> None:
+        super().__init__()
         if aux_loss_weight < 0 or z_loss_weight < 0:
             raise ValueError(
                 f"UpcycleToMoE: aux_loss_weight={aux_loss_weight} and z_loss_weight={z_loss_weight} must be >= 0 "
                 "(0 turns a loss off)."
             )
         # Checked here, before any data is prepared, with the core's messages.
-        _check_routing(num_experts, top_k, modality_groups)
+        check_moe_routing(num_experts, top_k, modality_groups)
         self.num_experts = num_experts
         self.top_k = top_k
         self.layers = list(layers) if layers is not None else None
@@ -101,65 +111,35 @@ class UpcycleToMoE(Callback):
         self.capacity_factor = capacity_factor
         self.router_init_std = router_init_std
         self.log_expert_loads = log_expert_loads
-        self._wrapped: pl.LightningModule | None = None
 
     # -- upcycling ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _network(pl_module: pl.LightningModule) -> nn.Module | None:
-        """The HF model to upcycle: ``pl_module.model`` when the module has one (``None`` while
-        ``CausalLM`` has not built it yet), else the LightningModule itself."""
-        if hasattr(pl_module, "model") and not isinstance(pl_module.model, nn.Module):
-            return None
-        return getattr(pl_module, "model", pl_module)
+    @property
+    def _adds_losses(self) -> bool:
+        return bool(self.aux_loss_weight or self.z_loss_weight)
 
-    def _upcycle(self, pl_module: pl.LightningModule) -> None:
-        network = self._network(pl_module)
-        if network is None or moe_layers(network):
-            return  # not built yet, or already upcycled (a second fit, or a model saved upcycled)
-        upcycle_to_moe(
-            network,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            layers=self.layers,
-            modality_groups=self.modality_groups,
-            router_init_std=self.router_init_std,
-            capacity_factor=self.capacity_factor,
-        )
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.aux_loss_weight or self.z_loss_weight:
-            terms = getattr(pl_module, "loss_terms", None)
-            if not isinstance(terms, dict):
-                raise TypeError(
-                    f"UpcycleToMoE adds its auxiliary losses through a `loss_terms` dict, which "
-                    f"{type(pl_module).__name__} lacks (lightning_memopt.models.CausalLM has one). Add "
-                    "`w * lightning_memopt.layers.moe_aux_loss(self.model)` to your training loss yourself and "
-                    "pass UpcycleToMoE(aux_loss_weight=0, z_loss_weight=0)."
-                )
-            terms[_LOSS_TERM] = lambda: self._loss_term(pl_module)
-        if self._network(pl_module) is not None:
-            self._upcycle(pl_module)
-            return
-        # The model is built in configure_model, which Lightning calls right after this hook and
-        # before configure_optimizers and checkpoint restoring: upcycle at the end of it.
-        run_after_configure_model(pl_module, lambda: self._upcycle(pl_module))
-        self._wrapped = pl_module
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:
-            remove_model_surgery(self._wrapped)
-            self._wrapped = None
-        terms = getattr(pl_module, "loss_terms", None)
-        if isinstance(terms, dict):
-            terms.pop(_LOSS_TERM, None)
-
-    def _loss_term(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        network = self._network(pl_module)
-        loss = self.aux_loss_weight * moe_aux_loss(network)
-        if self.z_loss_weight:
-            loss = loss + self.z_loss_weight * moe_z_loss(network)
-        return loss
+    def apply(self, pl_module: pl.LightningModule) -> None:
+        """Upcycle the network (one already upcycled, by a second fit or saved that way, keeps its
+        layers) and set the auxiliary losses' weights in its training objective."""
+        network = self.network(pl_module)
+        if network is None:
+            return  # not built: nothing to upcycle
+        if not moe_layers(network):
+            upcycle_to_moe(
+                network,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                layers=self.layers,
+                modality_groups=self.modality_groups,
+                router_init_std=self.router_init_std,
+                capacity_factor=self.capacity_factor,
+                aux_loss_weight=self.aux_loss_weight,
+                z_loss_weight=self.z_loss_weight,
+            )
+        if self._adds_losses:
+            add_moe_loss(network, self.aux_loss_weight, self.z_loss_weight)
+        else:
+            remove_moe_loss(network)  # the module adds the losses itself: its forward stays plain
 
     # -- modality ids ------------------------------------------------------------------------------
 
@@ -173,15 +153,16 @@ class UpcycleToMoE(Callback):
                 "experts, but the batch has no 'modality_ids' (per token (batch, seq) or per sequence (batch,)). "
                 "Give your data module's batches one, or drop modality_groups."
             )
-        set_moe_modality(self._network(pl_module), ids)
+        set_moe_modality(self.network(pl_module), ids)
 
     def _clear_modality(self, pl_module: pl.LightningModule) -> None:
         if self.modality_groups is not None:
-            set_moe_modality(self._network(pl_module), None)
+            set_moe_modality(self.network(pl_module), None)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._set_modality(pl_module, batch)
 
     def on_validation_batch_start(
@@ -232,19 +213,21 @@ class UpcycleToMoE(Callback):
     ) -> None:
         self._clear_modality(pl_module)
 
-    # -- logging -----------------------------------------------------------------------------------
+    # -- logging ---------------------------------------------------------------------------------
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._clear_modality(pl_module)
-        network = self._network(pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # moe_aux_loss, moe_z_loss
+        network = self.network(pl_module)
         layers = moe_layers(network) if network is not None else []
         if not layers or layers[0][1].aux_loss is None:
             return
         log = dict(on_step=True, on_epoch=False)
-        pl_module.log("train/moe_aux_loss", moe_aux_loss(network).detach(), prog_bar=True, **log)
-        pl_module.log("train/moe_z_loss", moe_z_loss(network).detach(), **log)
+        if not self._adds_losses:  # no term in the objective, hence no parts: read the layers
+            pl_module.log("train/moe_aux_loss", moe_aux_loss(network).detach(), prog_bar=True, **log)
+            pl_module.log("train/moe_z_loss", moe_z_loss(network).detach(), **log)
         loads = moe_expert_loads(network)
         worst = max(float(share.max()) * share.numel() for share in loads.values())
         pl_module.log("train/moe_max_expert_load", worst, **log)

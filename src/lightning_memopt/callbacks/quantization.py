@@ -31,16 +31,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
 from ..optim.param_groups import TargetModules
 from ..quant import DEFAULT_GROUP_SIZE, quantize_linear_weights
 from ..quant.int8 import check_group_size
-from .model_surgery import remove_model_surgery, run_after_configure_model
+from .model_surgery import ModelSurgery
 from .strategy_support import require_single_device
 
 
-class Int8Weights(Callback):
+class Int8Weights(ModelSurgery):
     """Store and train the model's linear weights as INT8 with stochastic rounding (no fp32 copy).
 
     Args:
@@ -67,34 +66,24 @@ class Int8Weights(Callback):
     def __init__(
         self, target_modules: TargetModules = None, group_size: int = DEFAULT_GROUP_SIZE, seed: int | None = None
     ) -> None:
+        super().__init__()
         self.target_modules = target_modules
         self.group_size = check_group_size(group_size)
         self.seed = seed
         #: Names of the modules converted in the last ``fit`` / ``validate`` / ...
         self.converted: list[str] = []
-        self._patched: list[pl.LightningModule] = []
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def check_strategy(self, trainer: pl.Trainer) -> None:
         require_single_device(
             "Int8Weights",
             trainer,
             "FSDP, FSDP2 (apollo_fsdp) and DeepSpeed shard or flatten the weights, which the INT8 tensor does not "
             "support, and DDP is untested with it",
         )
-        if pl_module in self._patched:
-            return  # already wrapped by this callback (a second setup without teardown)
 
-        def quantize() -> None:
-            self.converted = quantize_linear_weights(pl_module, self.target_modules, self.group_size, self.seed)
-
-        # Other callbacks' surgery on the same module (UpcycleToMoE, EarlyExit) chains with this one.
-        run_after_configure_model(pl_module, quantize)
-        self._patched.append(pl_module)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for module in self._patched:
-            remove_model_surgery(module)
-        self._patched = []
+    def apply(self, pl_module: pl.LightningModule) -> None:
+        """Convert the selected linear weights of the whole module (its network included)."""
+        self.converted = quantize_linear_weights(pl_module, self.target_modules, self.group_size, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to save: the weights carry their scales and rounding state themselves."""

@@ -1,5 +1,6 @@
 """Model surgery and layers in PyTorch: transformer-block detection, activation checkpointing and
-offloading, mixture-of-experts layers and sparse upcycling, early-exit heads.
+offloading, mixture-of-experts layers and sparse upcycling, early-exit heads, and the training
+objective that surgery installs in the model's own forward.
 
 Example:
     >>> import torch
@@ -24,31 +25,47 @@ from .early_exit import (
 from .early_exit_decoding import EarlyExitGenerateOutput, early_exit_generate
 from .moe import (
     MoELayer,
+    MoELoss,
     active_parameters,
+    add_moe_loss,
+    check_moe_routing,
     moe_aux_loss,
     moe_expert_loads,
     moe_layers,
     moe_modality,
     moe_z_loss,
+    remove_moe_loss,
     set_moe_modality,
-    upcycle_to_moe,
 )
-from .objective import LossTerm, ObjectiveStep, add_loss_term, get_objective, last_loss_parts, remove_loss_term
+from .objective import (
+    LossTerm,
+    ObjectiveStep,
+    add_loss_term,
+    get_objective,
+    last_loss_parts,
+    last_model_loss,
+    remove_loss_term,
+    set_training_step,
+)
 from .offload import OffloadActivations
 from .speculative import SelfSpeculativeOutput, self_speculative_generate
+from .upcycling import upcycle_to_moe
 
 __all__ = [
     "EarlyExitGenerateOutput",
     "EarlyExits",
     "LossTerm",
     "MoELayer",
+    "MoELoss",
     "ObjectiveStep",
     "OffloadActivations",
     "SelfSpeculativeOutput",
     "active_parameters",
     "add_early_exits",
     "add_loss_term",
+    "add_moe_loss",
     "apply_activation_checkpointing",
+    "check_moe_routing",
     "chunked_causal_lm_loss",
     "chunked_cross_entropy",
     "early_exit_forward",
@@ -59,6 +76,7 @@ __all__ = [
     "get_objective",
     "is_activation_checkpointed",
     "last_loss_parts",
+    "last_model_loss",
     "layerskip_weights",
     "moe_aux_loss",
     "moe_expert_loads",
@@ -69,8 +87,10 @@ __all__ = [
     "remove_chunked_loss",
     "remove_early_exits",
     "remove_loss_term",
+    "remove_moe_loss",
     "self_speculative_generate",
     "set_moe_modality",
+    "set_training_step",
     "transformer_block_classes",
     "upcycle_to_moe",
     "use_chunked_loss",

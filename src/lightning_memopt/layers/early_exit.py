@@ -12,8 +12,13 @@ Exit layers are **block indices**, numbered from 0 as in ``model.model.layers[i]
 
 Training: :func:`early_exit_loss` runs the model once, takes the hidden state after each exit
 block from a forward hook, and returns the weighted sum of the exits' cross-entropies and the
-final one, with each loss on its own for logging. Weights are a fixed list, or LayerSkip's
-scale that grows with depth (:func:`layerskip_weights`); an optional curriculum
+final one, with each loss on its own for logging. :func:`add_early_exits` also makes that sum
+the model's own training loss (:mod:`~lightning_memopt.layers.objective`): in training mode
+``model(input_ids=ids, labels=ids).loss`` equals ``early_exit_loss(model, ids).loss`` and each
+exit's loss is recorded as ``exit_<layer>_loss`` (:func:`~lightning_memopt.layers.last_loss_parts`),
+so the stock ``transformers.Trainer``, TRL and plain loops train the exits with no custom loss;
+in eval mode ``.loss`` is the final layer's, comparable with a model without exits. Weights are
+a fixed list, or LayerSkip's scale that grows with depth (:func:`layerskip_weights`); an optional curriculum
 (``"rotational"`` or ``"gradual"``, as in LayerSkip) switches exits on and off by step.
 
 Memory: an exit's logits are ``batch x seq x vocab`` floats (32k-way: 128 KiB per token in
@@ -62,11 +67,13 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import find_transformer_blocks
+from .objective import LossTerm, ObjectiveStep, add_loss_term, remove_loss_term
 
 __all__ = [
     "CURRICULA",
     "EarlyExitForwardOutput",
     "EarlyExitLossOutput",
+    "EarlyExitObjective",
     "EarlyExits",
     "ExitHead",
     "add_early_exits",
@@ -82,6 +89,8 @@ __all__ = [
 # registered twice; own heads are registered as the submodule ``early_exit_heads``.
 _ATTR = "_memopt_early_exits"
 _HEADS = "early_exit_heads"
+# The name of the exits' term in the model's training objective (layers/objective.py).
+LOSS_TERM = "early_exits"
 # Names HF decoders give their final norm (LLaMA/Mistral/Qwen: norm, GPT-2/Bloom: ln_f, OPT: final_layer_norm).
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_norm", "final_layernorm")
 CURRICULA = (None, "rotational", "gradual")
@@ -225,11 +234,21 @@ class EarlyExits:
         self._handles = []
 
     def exit_losses(
-        self, hidden: dict[int, torch.Tensor], labels: torch.Tensor, layers: Sequence[int] | None = None
+        self,
+        hidden: dict[int, torch.Tensor],
+        labels: torch.Tensor,
+        layers: Sequence[int] | None = None,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift: bool = True,
     ) -> dict[int, torch.Tensor]:
         """Each exit's next-token cross-entropy from captured hidden states (see :meth:`capture`),
         one exit at a time; under autograd each is checkpointed (``checkpoint_heads``), so its
         logits are rebuilt in backward instead of kept.
+
+        ``num_items_in_batch``: as transformers' causal-LM loss under gradient accumulation, the
+        sum over this batch divided by it (default: the mean). ``shift=False``: ``labels`` are
+        already aligned with the positions (transformers' ``shift_labels``).
 
         Example:
             >>> from lightning_memopt.models import build_llama
@@ -252,10 +271,11 @@ class EarlyExits:
         losses: dict[int, torch.Tensor] = {}
         for layer in layers:
             head, state = self.heads[layer], hidden[layer]
+            args = (head, state, labels.to(state.device), num_items_in_batch, shift)
             if self.checkpoint_heads and torch.is_grad_enabled() and state.requires_grad:
-                losses[layer] = checkpoint(_exit_loss, head, state, labels, use_reentrant=False)
+                losses[layer] = checkpoint(_exit_loss, *args, use_reentrant=False)
             else:
-                losses[layer] = _exit_loss(head, state, labels)
+                losses[layer] = _exit_loss(*args)
         return losses
 
     # -- weights -------------------------------------------------------------------------------
@@ -413,6 +433,11 @@ def add_early_exits(
         blocks, norm, head: override what is found: the decoder blocks, the final norm and the
             module mapping normed hidden states to logits.
 
+    After it, the model's own ``forward`` returns the early-exit objective as ``.loss`` in
+    training mode with ``labels`` (see :class:`EarlyExitObjective`); the curriculum advances
+    with :func:`~lightning_memopt.layers.objective.set_training_step` (which
+    ``LayerMetricsCallback`` and the Lightning ``EarlyExit`` callback call every step).
+
     Raises:
         ValueError: for exit layers out of range, duplicated, unsorted or the last block; for
             weights of the wrong length; for a model that already has exits or whose blocks,
@@ -479,6 +504,7 @@ def add_early_exits(
     )
     exits._install_hooks()
     setattr(model, _ATTR, exits)
+    add_loss_term(model, LOSS_TERM, EarlyExitObjective())
     return exits
 
 
@@ -491,7 +517,8 @@ def _copy_head(head: nn.Module) -> nn.Module:
 
 
 def remove_early_exits(model: nn.Module) -> None:
-    """Undo :func:`add_early_exits`: remove the hooks, the attribute and any own exit heads.
+    """Undo :func:`add_early_exits`: remove the hooks, the attribute, any own exit heads and the
+    exits' term of the training objective (the model's own loss again).
 
     A model without exits is left alone.
 
@@ -507,6 +534,7 @@ def remove_early_exits(model: nn.Module) -> None:
     if exits is None:
         return
     exits.remove_hooks()
+    remove_loss_term(model, LOSS_TERM)
     delattr(model, _ATTR)
     if _HEADS in model._modules:
         del model._modules[_HEADS]
@@ -532,15 +560,49 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
         >>> round(shifted_cross_entropy(torch.zeros(1, 3, 5), torch.tensor([[0, 1, 2]])).item(), 4)  # log(5)
         1.6094
     """
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
+    return _next_token_loss(logits, labels)
+
+
+def _next_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift: bool = True,
+) -> torch.Tensor:
+    # transformers' ForCausalLMLoss: fp32 logits, -100 ignored; the mean, or the sum over the
+    # number of tokens of the whole accumulated batch when the Trainer passes it.
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
     )
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
-def _exit_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return shifted_cross_entropy(head(hidden), labels)
+def _exit_loss(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift: bool = True,
+) -> torch.Tensor:
+    return _next_token_loss(head(hidden), labels, num_items_in_batch, shift)
+
+
+def _weighted_sum(
+    final_loss: torch.Tensor, exit_losses: dict[int, torch.Tensor], weights: dict[int | str, float]
+) -> torch.Tensor:
+    """The early-exit objective: ``w_final * final + sum_k w_k * exit_k`` (one definition for
+    :func:`early_exit_loss` and the model's own training loss)."""
+    total = weights["final"] * final_loss
+    for layer, loss in exit_losses.items():
+        total = total + weights[layer] * loss
+    return total
 
 
 @dataclass
@@ -600,10 +662,63 @@ def early_exit_loss(
     final_loss = shifted_cross_entropy(logits, labels)
     weights = exits.weights(active)
     exit_losses = exits.exit_losses(hidden, labels, active)
-    total = weights["final"] * final_loss
-    for layer, loss in exit_losses.items():
-        total = total + weights[layer] * loss
-    return EarlyExitLossOutput(total, final_loss, exit_losses, weights, logits)
+    return EarlyExitLossOutput(
+        _weighted_sum(final_loss, exit_losses, weights), final_loss, exit_losses, weights, logits
+    )
+
+
+class EarlyExitObjective(LossTerm):
+    """The exits' term of the model's training objective, which :func:`add_early_exits`
+    registers (:func:`~lightning_memopt.layers.add_loss_term`, name ``"early_exits"``).
+
+    In a training forward with ``labels`` it captures the exit blocks' outputs, then replaces
+    ``.loss`` (the model's own, final-layer loss) by the weighted sum of it and the active exits'
+    losses, exactly as :func:`early_exit_loss` (same weights and curriculum; one exit's logits at
+    a time, recomputed in backward), and records each exit's loss as ``exit_<layer>_loss``.
+    ``num_items_in_batch`` (the HF Trainer under gradient accumulation) and ``shift_labels`` are
+    honoured as transformers' loss does. The curriculum step is the last one given to
+    :meth:`set_training_step` (``None`` before any: every exit trains).
+
+    Example:
+        >>> from lightning_memopt.layers import last_loss_parts
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257)
+        >>> _ = add_early_exits(model, [1], loss_weights=[0.5])
+        >>> ids = torch.randint(0, 257, (2, 8))
+        >>> loss = model(input_ids=ids, labels=ids).loss  # training mode: the early-exit objective
+        >>> sorted(last_loss_parts(model)), torch.allclose(loss, early_exit_loss(model, ids).loss)
+        (['exit_1_loss'], True)
+    """
+
+    def __init__(self) -> None:
+        self.training_step: int | None = None
+        self._name = LOSS_TERM
+
+    def set_training_step(self, step: int) -> None:
+        """Remember the optimizer step, for the curriculum."""
+        self.training_step = step
+
+    def around_forward(self, step: ObjectiveStep, name: str) -> Any:
+        self._name = name
+        return _require_exits(step.model, "early exits' training loss").capture()
+
+    def __call__(self, step: ObjectiveStep) -> None:
+        exits = _require_exits(step.model, "early exits' training loss")
+        labels, shift = step.inputs.get("labels"), True
+        if step.inputs.get("shift_labels") is not None:  # transformers' convention: already aligned
+            labels, shift = step.inputs["shift_labels"], False
+        active = exits.active_exits(self.training_step)
+        weights = exits.weights(active)
+        exit_losses = exits.exit_losses(
+            step.state[self._name],
+            labels,
+            active,
+            num_items_in_batch=step.inputs.get("num_items_in_batch"),
+            shift=shift,
+        )
+        step.loss = _weighted_sum(step.loss, exit_losses, weights)
+        for layer, loss in exit_losses.items():
+            step.parts[f"exit_{layer}_loss"] = loss.detach()
 
 
 # -- inference: teacher-forced -----------------------------------------------------------------

@@ -7,19 +7,21 @@
   chosen for), and the experts' outputs are summed with the renormalised top-k router
   probabilities. Forward + backward is within about 1.2x (512 tokens) and 1.05x (2048 tokens) of
   the dense MLP with equal active parameters on a CPU thread (``benchmarks/moe.py``).
-- :func:`upcycle_to_moe`: sparse upcycling (Komatsuzaki et al., arXiv 2212.05055): the MLP of
-  chosen blocks of a Hugging Face model becomes an :class:`MoELayer` whose experts are copies
-  of it. The renormalised top-k weights sum to 1, so at initialisation the upcycled model
-  computes exactly what the dense one did (up to float rounding), whatever the router says.
+- Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055) lives in
+  :mod:`~lightning_memopt.layers.upcycling`: :func:`~lightning_memopt.layers.upcycle_to_moe`
+  turns the MLP of chosen blocks of a Hugging Face model into an :class:`MoELayer` whose experts
+  are copies of it (the upcycled model computes what the dense one did, at initialisation).
 - Modality-aware expert groups (MoMa, arXiv 2407.21770): ``modality_groups=[4, 4]`` splits 8
   experts into two groups; a token of modality ``m`` is routed only within group ``m``. The
   ids are given per token or per sequence through :func:`moe_modality` (a context manager on
   the whole model), since a Hugging Face model's ``forward`` has no argument for them.
 
-Losses after each forward, read by the training loop (see :func:`moe_aux_loss`):
-``layer.aux_loss`` is the Switch/Mixtral load-balancing loss ``E * sum_i f_i * P_i`` (1.0 when
-perfectly balanced) and ``layer.z_loss`` the router z-loss of ST-MoE (arXiv 2202.08906).
-``layer.tokens_per_expert`` counts the routed tokens, for logging the experts' load.
+Losses after each forward (see :func:`moe_aux_loss`): ``layer.aux_loss`` is the Switch/Mixtral
+load-balancing loss ``E * sum_i f_i * P_i`` (1.0 when perfectly balanced) and ``layer.z_loss``
+the router z-loss of ST-MoE (arXiv 2202.08906). ``layer.tokens_per_expert`` counts the routed
+tokens, for logging the experts' load. :func:`add_moe_loss` (which ``upcycle_to_moe`` calls)
+adds their weighted sum to the model's own training loss, as transformers' Mixtral adds its
+router loss: ``model(input_ids=ids, labels=ids).loss`` is then the objective in training mode.
 
 Example:
     >>> import torch
@@ -39,27 +41,32 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import find_transformer_blocks
+from .objective import LossTerm, ObjectiveStep, add_loss_term, remove_loss_term
+
+# The name of the MoE losses' term in the model's training objective (layers/objective.py).
+LOSS_TERM = "moe_losses"
 
 __all__ = [
-    "BertFeedForward",
-    "BertResidualNorm",
     "GatedMLP",
     "MoELayer",
+    "MoELoss",
     "MoERouter",
     "active_parameters",
+    "add_moe_loss",
+    "check_moe_routing",
     "moe_aux_loss",
     "moe_expert_loads",
     "moe_layers",
     "moe_modality",
     "moe_z_loss",
+    "remove_moe_loss",
     "set_moe_modality",
-    "upcycle_to_moe",
 ]
 
 
@@ -114,46 +121,18 @@ class MoERouter(nn.Module):
         return F.linear(x, self.weight)
 
 
-class BertFeedForward(nn.Module):
-    """A BERT block's MLP as one module (``BertIntermediate``, then ``BertOutput.dense``): the
-    expert :func:`upcycle_to_moe` copies for BERT-style encoders (MiniLM, RoBERTa, ...).
+def check_moe_routing(num_experts: int, top_k: int, modality_groups: Sequence[int] | None = None) -> None:
+    """Raise a ``ValueError`` (naming the bad value and the fix) unless ``num_experts``, ``top_k``
+    and ``modality_groups`` make a valid routing: what :class:`MoELayer` and
+    :func:`~lightning_memopt.layers.upcycle_to_moe` check, for adapters that want to fail early.
 
     Example:
-        >>> ff = BertFeedForward(nn.Sequential(nn.Linear(4, 8), nn.GELU()), nn.Linear(8, 4))
-        >>> ff(torch.randn(2, 4)).shape
-        torch.Size([2, 4])
+        >>> check_moe_routing(8, 2, [4, 4])
+        >>> check_moe_routing(4, 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: top_k=5 with num_experts=4: ...
     """
-
-    def __init__(self, intermediate: nn.Module, dense: nn.Module) -> None:
-        super().__init__()
-        self.intermediate = intermediate
-        self.dense = dense
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.intermediate(x))
-
-
-class BertResidualNorm(nn.Module):
-    """What remains of ``BertOutput`` once its ``dense`` moved into the experts:
-    ``LayerNorm(dropout(h) + input_tensor)``, with the original ``dropout`` and ``LayerNorm``
-    (so their state-dict keys are unchanged).
-
-    Example:
-        >>> norm = BertResidualNorm(nn.Dropout(0.0), nn.LayerNorm(4))
-        >>> norm(torch.randn(2, 4), torch.randn(2, 4)).shape
-        torch.Size([2, 4])
-    """
-
-    def __init__(self, dropout: nn.Module, layer_norm: nn.Module) -> None:
-        super().__init__()
-        self.dropout = dropout
-        self.LayerNorm = layer_norm
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
-
-
-def _check_routing(num_experts: int, top_k: int, modality_groups: Sequence[int] | None) -> None:
     if num_experts < 2:
         raise ValueError(f"num_experts={num_experts}: a mixture needs at least 2 experts (8 is the Mixtral choice).")
     if not 1 <= top_k <= num_experts:
@@ -236,7 +215,7 @@ class MoELayer(nn.Module):
         normalize_top_k: bool = True,
     ) -> None:
         super().__init__()
-        _check_routing(num_experts, top_k, modality_groups)
+        check_moe_routing(num_experts, top_k, modality_groups)
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor!r}: use a number > 0 (e.g. 1.25) or None (no limit).")
         if expert is None and intermediate_size is None:
@@ -533,126 +512,77 @@ def moe_modality(model: nn.Module, modality_ids: torch.Tensor) -> Iterator[None]
             layer.modality_ids = ids
 
 
-# -- sparse upcycling of Hugging Face models ---------------------------------------------------------
-
-
-def _is_bert_style(block: nn.Module) -> bool:
-    output = getattr(block, "output", None)
-    return (
-        isinstance(getattr(block, "intermediate", None), nn.Module)
-        and isinstance(getattr(output, "dense", None), nn.Module)
-        and isinstance(getattr(output, "LayerNorm", None), nn.Module)
-    )
-
-
-def _has_mlp(block: nn.Module) -> bool:
-    already = isinstance(getattr(block, "intermediate", None), MoELayer)
-    return isinstance(getattr(block, "mlp", None), nn.Module) or _is_bert_style(block) or already
-
-
-def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if size is None:
-        raise ValueError(
-            f"upcycle_to_moe: cannot tell the hidden size of {type(model).__name__} (no config.hidden_size); "
-            "build MoELayer(hidden_size, expert=block.mlp, ...) yourself and assign it to block.mlp."
-        )
-    return int(size)
-
-
-def upcycle_to_moe(
-    model: nn.Module,
-    num_experts: int = 8,
-    top_k: int = 2,
-    layers: Sequence[int] | None = None,
-    modality_groups: Sequence[int] | None = None,
-    router_init_std: float = 0.02,
-    capacity_factor: float | None = None,
-) -> list[MoELayer]:
-    """Sparse upcycling: replace the MLP of chosen transformer blocks by an :class:`MoELayer`
-    whose ``num_experts`` experts are copies of that MLP (in place; returns the new layers).
-
-    Blocks are found with :func:`~lightning_memopt.layers.find_transformer_blocks`; blocks of a
-    kind that has no MLP (e.g. BERT's embeddings, which transformers lists among its blocks)
-    are skipped. The MLP is the block's ``mlp`` (LLaMA, Mistral, Qwen, GPT-2, ...) or BERT's
-    ``intermediate`` + ``output.dense`` pair (``output`` then keeps only dropout, residual and
-    LayerNorm, with unchanged parameter names). With ``capacity_factor=None`` the upcycled
-    model's output equals the dense model's at initialisation.
-
-    Args:
-        layers: indices (negative ones count from the end) of the blocks to upcycle, among the
-            blocks that have an MLP; ``None``: all of them. Upcycling every other layer (``[1,
-            3, 5]``) is a common choice.
-        modality_groups, router_init_std, capacity_factor: see :class:`MoELayer`.
-
-    Raises:
-        ValueError: for ``num_experts < 2``, ``top_k`` out of ``[1, num_experts]``, modality
-            group sizes that do not sum to ``num_experts``, a model without blocks or MLPs, a
-            layer index out of range, or a block already upcycled.
+class MoELoss(LossTerm):
+    """The MoE term of the model's training objective (what :func:`add_moe_loss` registers):
+    after a training forward with ``labels``, ``.loss += aux_loss_weight * moe_aux_loss(model) +
+    z_loss_weight * moe_z_loss(model)``, and both losses are recorded (unweighted) as the parts
+    ``moe_aux_loss`` and ``moe_z_loss``.
 
     Example:
+        >>> term = MoELoss(aux_loss_weight=0.01, z_loss_weight=0.001)
+        >>> term.aux_loss_weight, term.z_loss_weight
+        (0.01, 0.001)
+    """
+
+    def __init__(self, aux_loss_weight: float = 0.01, z_loss_weight: float = 0.001) -> None:
+        for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+                raise ValueError(f"{name}={value!r}: use a finite number >= 0 (0 turns that loss off).")
+        self.aux_loss_weight = float(aux_loss_weight)
+        self.z_loss_weight = float(z_loss_weight)
+
+    def __call__(self, step: ObjectiveStep) -> None:
+        aux, z = moe_aux_loss(step.model), moe_z_loss(step.model)
+        step.parts["moe_aux_loss"] = aux.detach()
+        step.parts["moe_z_loss"] = z.detach()
+        if self.aux_loss_weight:
+            step.loss = step.loss + self.aux_loss_weight * aux.to(step.loss.device)
+        if self.z_loss_weight:
+            step.loss = step.loss + self.z_loss_weight * z.to(step.loss.device)
+
+
+def add_moe_loss(model: nn.Module, aux_loss_weight: float = 0.01, z_loss_weight: float = 0.001) -> MoELoss:
+    """Make ``model``'s own training loss include its MoE layers' weighted auxiliary losses
+    (replacing the weights of an earlier call). :func:`~lightning_memopt.layers.upcycle_to_moe`
+    calls it; call it yourself for a model built with :class:`MoELayer` s, or one loaded
+    already upcycled.
+
+    Then, in training mode with ``labels``, ``model(...).loss`` is the model's loss plus
+    ``aux_loss_weight * moe_aux_loss + z_loss_weight * moe_z_loss`` (Switch/Mixtral weigh the
+    balance loss 0.01-0.02, ST-MoE the z-loss 0.001), so the stock ``transformers.Trainer``
+    trains with them; eval-mode ``.loss`` is the model's own. :func:`remove_moe_loss` undoes it.
+
+    Example:
+        >>> from lightning_memopt.layers import last_loss_parts, upcycle_to_moe
         >>> from lightning_memopt.models import build_llama
         >>> model = build_llama("tiny", vocab_size=257, num_hidden_layers=2)
-        >>> x = torch.randint(0, 257, (1, 8))
-        >>> dense = model(x).logits
-        >>> moe = upcycle_to_moe(model, num_experts=4, top_k=2)
-        >>> len(moe), torch.allclose(model(x).logits, dense, atol=1e-5)
-        (2, True)
+        >>> _ = upcycle_to_moe(model, num_experts=4, top_k=2, aux_loss_weight=0.0, z_loss_weight=0.0)
+        >>> ids = torch.randint(0, 257, (1, 8))
+        >>> plain = model(input_ids=ids, labels=ids).loss
+        >>> _ = add_moe_loss(model, aux_loss_weight=0.5, z_loss_weight=0.0)
+        >>> loss = model(input_ids=ids, labels=ids).loss
+        >>> torch.allclose(loss, plain + 0.5 * moe_aux_loss(model)), sorted(last_loss_parts(model))
+        (True, ['moe_aux_loss', 'moe_z_loss'])
     """
-    _check_routing(num_experts, top_k, modality_groups)
-    blocks = find_transformer_blocks(model)
-    if not blocks:
-        raise ValueError(
-            f"upcycle_to_moe: found no repeated transformer blocks in {type(model).__name__}; pass a Hugging Face "
-            "model (with _no_split_modules) or one whose layers form an nn.ModuleList."
-        )
-    kinds_with_mlp = {type(b) for b in blocks if _has_mlp(b)}
-    if not kinds_with_mlp:
-        raise ValueError(
-            f"upcycle_to_moe: no MLP found in the blocks of {type(model).__name__} "
-            f"({sorted({type(b).__name__ for b in blocks})}); it knows a block's `mlp` (LLaMA, Mistral, GPT-2, ...) "
-            "and BERT's `intermediate` + `output` pair. For another layout build MoELayer(hidden_size, "
-            "expert=<the MLP>, ...) yourself and put it in the block."
-        )
-    blocks = [b for b in blocks if type(b) in kinds_with_mlp]
-    missing = [i for i, b in enumerate(blocks) if not _has_mlp(b)]
-    if missing:
-        raise ValueError(f"upcycle_to_moe: no MLP found in block(s) {missing} of {type(model).__name__}.")
-    if layers is None:
-        chosen = list(range(len(blocks)))
-    else:
-        chosen = []
-        for i in layers:
-            if not -len(blocks) <= i < len(blocks):
-                raise ValueError(
-                    f"upcycle_to_moe: layers contains {i}, but the model has {len(blocks)} blocks with an MLP: "
-                    f"use indices in [0, {len(blocks) - 1}] (or negative ones from the end), or layers=None for all."
-                )
-            if i % len(blocks) not in chosen:
-                chosen.append(i % len(blocks))
-    hidden = _hidden_size(model)
-    options = dict(
-        num_experts=num_experts,
-        top_k=top_k,
-        capacity_factor=capacity_factor,
-        modality_groups=modality_groups,
-        router_init_std=router_init_std,
-    )
-    created = []
-    for i in chosen:
-        block = blocks[i]
-        if any(isinstance(getattr(block, name, None), MoELayer) for name in ("mlp", "intermediate")):
-            raise ValueError(f"upcycle_to_moe: block {i} ({type(block).__name__}) is already a mixture of experts.")
-        if isinstance(getattr(block, "mlp", None), nn.Module):
-            layer = MoELayer(hidden, expert=block.mlp, **options)
-            block.mlp = layer
-        else:
-            output = block.output
-            dropout = getattr(output, "dropout", None) or nn.Identity()
-            layer = MoELayer(hidden, expert=BertFeedForward(block.intermediate, output.dense), **options)
-            block.intermediate = layer
-            block.output = BertResidualNorm(dropout, output.LayerNorm)
-        layer.to(device=next(layer.experts.parameters()).device, dtype=next(layer.experts.parameters()).dtype)
-        created.append(layer)
-    return created
+    term = MoELoss(aux_loss_weight, z_loss_weight)
+    add_loss_term(model, LOSS_TERM, term)
+    return term
+
+
+def remove_moe_loss(model: nn.Module) -> None:
+    """Undo :func:`add_moe_loss`: the model's own loss again (the MoE layers stay).
+
+    Example:
+        >>> model = nn.Sequential(MoELayer(4, num_experts=2, top_k=1, intermediate_size=8))
+        >>> _ = add_moe_loss(model); remove_moe_loss(model)
+    """
+    remove_loss_term(model, LOSS_TERM)
+
+
+def __getattr__(name: str) -> Any:
+    # Upcycling moved to upcycling.py; the old import path keeps working.
+    if name in ("upcycle_to_moe", "BertFeedForward", "BertResidualNorm"):
+        from . import upcycling
+
+        return getattr(upcycling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

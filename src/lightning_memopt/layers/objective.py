@@ -66,6 +66,7 @@ __all__ = [
     "add_loss_term",
     "get_objective",
     "last_loss_parts",
+    "last_model_loss",
     "remove_loss_term",
     "set_main_loss",
     "set_training_step",
@@ -148,6 +149,8 @@ class TrainingObjective:
     terms: dict[str, LossTerm] = field(default_factory=dict)
     #: detached parts of the latest training forward (see :func:`last_loss_parts`).
     last_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the model's own loss (before the terms) of the latest training forward (see :func:`last_model_loss`).
+    last_model_loss: torch.Tensor | None = None
     #: the instance ``forward`` the model had before (``None``: the class's).
     previous_forward: Any = None
 
@@ -178,6 +181,20 @@ def last_loss_parts(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(objective.last_parts) if objective is not None else {}
 
 
+def last_model_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's own loss (its main loss, before the loss terms), detached, of its latest
+    training forward with labels; ``None`` when no objective is installed or no such forward ran
+    since the last call of the model. Lightning's ``CausalLM`` logs it as ``train/loss``, so that
+    it stays comparable with a model without surgery while the objective trains.
+
+    Example:
+        >>> last_model_loss(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    objective = get_objective(model)
+    return objective.last_model_loss if objective is not None else None
+
+
 def _original_forward(model: nn.Module, objective: TrainingObjective) -> Callable[..., Any]:
     if objective.previous_forward is not None:
         return objective.previous_forward
@@ -187,6 +204,7 @@ def _original_forward(model: nn.Module, objective: TrainingObjective) -> Callabl
 def _objective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     objective = get_objective(self)
     objective.last_parts = {}  # parts belong to one forward: none for eval or label-less calls
+    objective.last_model_loss = None
     forward = _original_forward(self, objective)
     if args:
         # Positional arguments: bind them to names, so that pieces read ``labels`` & co. by name.
@@ -205,11 +223,12 @@ def _objective_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             step.output = objective.main_loss(self, forward, kwargs)
         else:
             step.output = forward(**kwargs)
-    step.loss = step.output["loss"]
+    step.loss = model_loss = step.output["loss"]
     for term in objective.terms.values():
         term(step)
     step.output["loss"] = step.loss
     objective.last_parts = {k: v.detach() for k, v in step.parts.items()}
+    objective.last_model_loss = model_loss.detach() if isinstance(model_loss, torch.Tensor) else None
     return step.output
 
 

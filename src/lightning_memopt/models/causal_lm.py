@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_memopt.layers.chunked_loss import chunked_causal_lm_loss
+from lightning_memopt.layers import last_model_loss, use_chunked_loss
 from lightning_memopt.optim import APOLLOMini, apollo_param_groups, create_optimizer, get_optimizer_spec
 
 from .llama import LLAMA_SIZES, PAPER_VOCAB_SIZE, build_llama
@@ -222,12 +222,13 @@ class CausalLM(LightningModule):
             ``from_pretrained`` arguments for a checkpoint folder.
         target_modules: which modules get the low-rank update (see
             :func:`~lightning_memopt.optim.apollo_param_groups`).
-        loss_chunk_size: compute the LM head and the loss this many tokens at a time
-            (:func:`~lightning_memopt.layers.chunked_cross_entropy`), so that the
-            ``batch x seq x vocab`` logits never exist at once: at a 32000-token vocabulary
-            they are a small model's largest activation. ``None``: the model's own loss. For
-            LLaMA-family decoders (``model_type`` llama, mistral, qwen2, qwen3), whose logits are
-            the LM head applied to the last hidden state; not under FSDP (the head is sharded).
+        loss_chunk_size: in training, compute the LM head and the loss this many tokens at a
+            time (:func:`~lightning_memopt.layers.use_chunked_loss` on the built model), so that
+            the ``batch x seq x vocab`` logits never exist at once: at a 32000-token vocabulary
+            they are a small model's largest activation. Validation and test run the model's
+            own forward (no backward there). ``None``: the model's own loss. For LLaMA-family
+            decoders (``model_type`` llama, mistral, qwen2, qwen3), whose logits are the LM head
+            applied to the last hidden state; not under FSDP (the head is sharded).
         max_new_tokens: ``predict``: tokens generated per prompt.
         temperature: ``predict``: 0 for greedy decoding, else sampling at this temperature.
         top_k: ``predict``: sample among the ``top_k`` likeliest tokens (with ``temperature > 0``).
@@ -245,12 +246,14 @@ class CausalLM(LightningModule):
     inside the strategy's initialisation context, so a sharding strategy can build it on the
     meta device); call ``configure_model()`` yourself to use ``lm.model`` outside a trainer.
 
-    Logged: ``train/loss``, ``train/tokens_per_s`` (all devices together), ``val/loss``,
-    ``val/ppl``, ``test/loss``.
+    The loss is the model's own: ``self.model(input_ids=..., labels=...).loss``. Model surgery
+    (early exits, MoE upcycling, the chunked loss: :mod:`~lightning_memopt.layers.objective`)
+    makes it the training objective in training mode, and the callbacks that apply it only log
+    its parts.
 
-    ``loss_terms`` (name -> zero-argument callable returning a scalar tensor) are added to the
-    training loss after ``train/loss`` is logged, so ``train/loss`` stays the language-model
-    loss; callbacks register them (e.g. ``UpcycleToMoE``'s load-balancing loss).
+    Logged: ``train/loss`` (the language-model loss of the final layer, before any surgery's
+    terms: comparable with a plain run), ``train/tokens_per_s`` (all devices together),
+    ``val/loss``, ``val/ppl``, ``test/loss``.
 
     Example:
         >>> lm = CausalLM("tiny", vocab_size=257)
@@ -305,7 +308,6 @@ class CausalLM(LightningModule):
         self.top_k = top_k
         self.exit_threshold = float(exit_threshold)
         self.model: nn.Module | None = None
-        self.loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
         self.train_tokens = 0
         self.train_seconds = 0.0
         self._batch_start: float | None = None
@@ -343,6 +345,7 @@ class CausalLM(LightningModule):
                     f"applied to the last hidden state (model_type {', '.join(CHUNKED_LOSS_MODEL_TYPES)}); "
                     f"{self.model_name!r} is {model_type!r}. Set model.loss_chunk_size: null."
                 )
+            use_chunked_loss(self.model, self.loss_chunk_size)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any):
         if self.model is None:
@@ -351,20 +354,14 @@ class CausalLM(LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids = batch["input_ids"]
-        labels = batch.get("labels", input_ids)
-        if self.loss_chunk_size is None:
-            return self(input_ids, labels=labels).loss
-        if self.model is None:
-            raise RuntimeError("CausalLM.model is not built yet: call configure_model() (a Trainer does it).")
-        return chunked_causal_lm_loss(self.model, input_ids, labels, self.loss_chunk_size)
+        return self(input_ids, labels=batch.get("labels", input_ids)).loss
 
     # -- steps -------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        for term in self.loss_terms.values():
-            loss = loss + term()
+        loss = self._loss(batch)  # the training objective, surgery's terms included
+        model_loss = last_model_loss(self.model)  # the LM loss before them (None: no surgery)
+        self.log("train/loss", loss if model_loss is None else model_loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
