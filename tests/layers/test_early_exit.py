@@ -325,3 +325,28 @@ def test_bad_models_and_states_raise() -> None:
     headless = nn.Sequential(nn.ModuleList([nn.Linear(4, 4) for _ in range(3)]))
     with pytest.raises(ValueError, match=r"no final norm found.*norm="):
         add_early_exits(headless, [0])
+
+
+@pytest.mark.parametrize("checkpoint_heads", [True, False])
+def test_the_models_training_loss_is_the_early_exit_objective_with_its_gradients(checkpoint_heads: bool) -> None:
+    from lightning_memopt.layers import get_objective, last_loss_parts, last_model_loss
+
+    model, reference = tiny().train(), tiny().train()
+    for m in (model, reference):
+        add_early_exits(m, [0, 2], loss_weights=[0.3, 0.5, 0.9], checkpoint_heads=checkpoint_heads)
+    ids = tokens()
+    loss = model(input_ids=ids, labels=ids).loss
+    expected = early_exit_loss(reference, ids)
+    torch.testing.assert_close(loss, expected.loss)
+    torch.testing.assert_close(last_model_loss(model), expected.final_loss.detach())
+    assert sorted(last_loss_parts(model)) == ["exit_0_loss", "exit_2_loss"]
+    loss.backward()
+    expected.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+    # transformers' shift_labels (already aligned): the same objective.
+    shifted = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    torch.testing.assert_close(model(input_ids=ids, shift_labels=shifted, labels=ids).loss, loss.detach())
+    remove_early_exits(model)
+    assert get_objective(model) is None

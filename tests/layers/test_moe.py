@@ -287,7 +287,7 @@ def test_grads_reach_experts_and_router_and_groups_suit_apollo() -> None:
     model = tiny_llama().train()
     upcycle_to_moe(model, num_experts=4, top_k=2)
     ids = torch.randint(0, 257, (2, 12))
-    loss = model(input_ids=ids, labels=ids).loss + 0.01 * moe_aux_loss(model) + 0.001 * moe_z_loss(model)
+    loss = model(input_ids=ids, labels=ids).loss  # LM loss + 0.01 aux + 0.001 z: upcycle_to_moe's defaults
     loss.backward()
     # Every parameter gets a gradient, even an expert that no token chose (as DDP needs).
     assert all(p.grad is not None for p in model.parameters())
@@ -384,3 +384,40 @@ def test_apollo_projects_each_expert_matrix_and_the_estimate_counts_it() -> None
     assert (est.params_bytes, est.grads_bytes) == (real.params_bytes, real.grads_bytes)
     experts = [p for p in est.parameters if ".experts." in p.name]
     assert len(experts) == 2 * 4 * 3 and all(p.update == "low_rank" for p in experts)
+
+
+def test_the_aux_losses_are_in_the_models_own_training_loss_with_their_weights() -> None:
+    from lightning_memopt.layers import add_moe_loss, check_moe_routing, last_loss_parts, remove_moe_loss
+
+    model = tiny_llama().train()
+    ids = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense_loss = model(input_ids=ids, labels=ids).loss
+    upcycle_to_moe(model, num_experts=4, top_k=2, aux_loss_weight=0.0, z_loss_weight=0.0)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, dense_loss, rtol=1e-5, atol=1e-5)
+    assert set(last_loss_parts(model)) == {"moe_aux_loss", "moe_z_loss"}  # recorded even at weight 0
+
+    add_moe_loss(model, aux_loss_weight=0.5, z_loss_weight=0.25)  # replaces the weights
+    loss = model(input_ids=ids, labels=ids).loss
+    aux, z = moe_aux_loss(model), moe_z_loss(model)
+    torch.testing.assert_close(loss, dense_loss + 0.5 * aux + 0.25 * z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_loss_parts(model)["moe_aux_loss"], aux.detach())
+    model.eval()  # eval: the model's own loss
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, dense_loss, rtol=1e-5, atol=1e-5)
+    remove_moe_loss(model)
+    model.train()
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, dense_loss, rtol=1e-5, atol=1e-5)
+
+    # A bad weight fails before any surgery; the routing check is public for adapters.
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match=r"aux_loss_weight=-1.*>= 0"):
+        upcycle_to_moe(fresh, num_experts=4, top_k=2, aux_loss_weight=-1)
+    assert not moe_layers(fresh)
+    with pytest.raises(ValueError, match="top_k=3 with num_experts=2"):
+        check_moe_routing(2, 3)
+
+
+def test_upcycling_lives_in_its_own_module_and_the_old_path_still_imports() -> None:
+    from lightning_memopt.layers import moe, upcycling
+
+    assert moe.upcycle_to_moe is upcycling.upcycle_to_moe is upcycle_to_moe
+    assert moe.BertFeedForward is upcycling.BertFeedForward
