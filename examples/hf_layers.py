@@ -3,16 +3,17 @@
 Model surgery makes the model's own ``forward`` return the training objective, so the stock
 ``Trainer`` (and TRL, and transformers' example scripts through ``python -m lightning_memopt.hf``)
 trains the right thing; ``LayerMetricsCallback`` puts what the layers report into the logs.
-Four parts, each a few lines of setup followed by ``Trainer(...).train()``:
+Five parts, each a few lines of setup followed by ``Trainer(...).train()``:
 
 1. ``use_chunked_loss``: the LM loss without the logits (a 30k-token vocabulary, the largest
    activation of a small model); the loss equals the plain one.
 2. INT8 weights: ``quantize_linear_weights``, ``save_steps`` checkpoints in safetensors, a resume
    that continues exactly, ``load_int8_pretrained`` and a bf16 export for ``from_pretrained``.
-3. MoE: ``upcycle_to_moe`` and the router metrics in the logs.
+3. MoE: ``upcycle_to_moe``: the weighted load-balancing and z-losses in the model's training
+   loss, and the router metrics in the logs.
 4. QLoRA: the real MiniLM checkpoint in 4 bits (bitsandbytes), LoRA adapters (peft), APOLLO-Mini.
-
-Early exits follow the same pattern once their loss lives in the model's forward.
+5. Early exits: ``add_early_exits``: the training loss is the early-exit objective, each exit's
+   loss is logged, the eval loss is the final layer's.
 
 Usage::
 
@@ -34,7 +35,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, 
 
 import lightning_memopt  # noqa: F401  (registers optim="apollo_mini" & co.)
 from lightning_memopt.hf import LayerMetricsCallback
-from lightning_memopt.layers import upcycle_to_moe, use_chunked_loss
+from lightning_memopt.layers import add_early_exits, upcycle_to_moe, use_chunked_loss
 from lightning_memopt.quant import load_int8_pretrained, quantize_linear_weights, save_dequantized_pretrained
 
 
@@ -124,7 +125,7 @@ def int8_weights(data: list[dict], vocab_size: int, steps: int, out: Path) -> No
 
 def moe(data: list[dict], vocab_size: int, steps: int, out: Path) -> None:
     model = small_llama(vocab_size)
-    upcycle_to_moe(model, num_experts=4, top_k=2)
+    upcycle_to_moe(model, num_experts=4, top_k=2, aux_loss_weight=0.01, z_loss_weight=0.001)  # in .loss
     trainer = Trainer(
         model=model,
         args=arguments(out, steps, optim="adamw_torch"),
@@ -174,11 +175,24 @@ def qlora(path: str, tokenizer, steps: int, out: Path) -> None:
     print(f"[qlora] losses {losses(trainer)} (4-bit base frozen, adapters trained by APOLLO-Mini)")
 
 
+def early_exits(data: list[dict], vocab_size: int, steps: int, out: Path) -> None:
+    model = small_llama(vocab_size)
+    add_early_exits(model, [0])  # after block 0 of 2; LayerSkip weights; shares the final norm and LM head
+    trainer = Trainer(model=model, args=arguments(out, steps), train_dataset=data, callbacks=[LayerMetricsCallback()])
+    trainer.train()
+    last = next(e for e in reversed(trainer.state.log_history) if "exit_0_loss" in e)
+    final = trainer.evaluate(data[:8])["eval_loss"]
+    print(
+        f"[early exits] objective {losses(trainer)}; exit after block 0: {last['exit_0_loss']:.3f}; "
+        f"eval loss (the final layer's) {final:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="2 steps per part (the smoke test)")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--only", choices=["chunked", "int8", "moe", "qlora"], default=None)
+    parser.add_argument("--only", choices=["chunked", "int8", "moe", "qlora", "exits"], default=None)
     args = parser.parse_args()
     steps = 2 if args.fast else args.steps
     warnings.filterwarnings("ignore", message=".*kernels.*")
@@ -196,6 +210,8 @@ def main() -> None:
             moe(data, tokenizer.vocab_size, steps, out / "moe")
         if args.only in (None, "qlora"):
             qlora(path, tokenizer, steps, out / "qlora")
+        if args.only in (None, "exits"):
+            early_exits(data, tokenizer.vocab_size, steps, out / "exits")
 
 
 if __name__ == "__main__":
