@@ -68,8 +68,8 @@ class LayerMetricsCallback(TrainerCallback):
     """Adds what the model's layers report to the HF Trainer's logs, at the logging interval.
 
     - the parts of the training objective that model surgery installs (see
-      :mod:`lightning_memopt.layers.objective`: e.g. ``exit_<layer>_loss`` once early exits
-      record them),
+      :mod:`lightning_memopt.layers.objective`: ``exit_<layer>_loss`` after
+      :func:`~lightning_memopt.layers.add_early_exits`),
     - MoE metrics after :func:`~lightning_memopt.layers.upcycle_to_moe`: ``moe_aux_loss``,
       ``moe_z_loss`` (averaged over the MoE layers) and ``moe_max_expert_load`` (the largest
       share of routing choices any expert got),
