@@ -10,6 +10,7 @@ from .checkpoint_on_stop import CheckpointOnStop
 from .early_exit import EarlyExit
 from .layerwise import LayerwiseUpdates
 from .memory_profiler import MemoryProfiler
+from .model_surgery import ModelSurgery
 from .moe import UpcycleToMoE
 from .progress import StepProgressBar
 from .quantization import Int8Weights
@@ -22,6 +23,7 @@ __all__ = [
     "Int8Weights",
     "LayerwiseUpdates",
     "MemoryProfiler",
+    "ModelSurgery",
     "StepProgressBar",
     "UpcycleToMoE",
 ]
