@@ -14,8 +14,7 @@ import torch
 from apollo_reference import MANY_ROWS_WIDE, SHAPES, assert_matches_reference, make_problem, reference_apollo, seeds_of
 
 import lightning_memopt.optim.apollo as apollo_module
-from lightning_memopt.optim import kernels
-from lightning_memopt.optim import APOLLO
+from lightning_memopt.optim import APOLLO, kernels
 from lightning_memopt.optim.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
