@@ -38,7 +38,11 @@ def examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
 
 
 def hf_fit(
-    tmp_path: Path, callback: MemoryProfilerCallback, model: torch.nn.Module, max_steps: int = 4
+    tmp_path: Path,
+    callback: MemoryProfilerCallback,
+    model: torch.nn.Module,
+    max_steps: int = 4,
+    extra_callbacks: list[transformers.TrainerCallback] | None = None,
 ) -> transformers.Trainer:
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"),
@@ -52,17 +56,29 @@ def hf_fit(
         optim="adamw_torch",
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
+    callbacks = [callback, *(extra_callbacks or [])]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples(), callbacks=callbacks)
     trainer.train()
     return trainer
 
 
+class _PrintedLogs(transformers.TrainerCallback):
+    """Sees ``logs`` as the Trainer's printer after it does: what a log line shows."""
+
+    def __init__(self) -> None:
+        self.keys: list[set[str]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.keys.append({k for k in logs or {} if k.startswith("memory/")})
+
+
 def test_trainer_logs_metrics_and_writes_the_report(tmp_path: Path, tiny_bert) -> None:
     callback = MemoryProfilerCallback(interval=2, report_path=tmp_path / "memory.json", table=False)
-    trainer = hf_fit(tmp_path, callback, tiny_bert(**BERT))
+    printed = _PrintedLogs()
+    trainer = hf_fit(tmp_path, callback, tiny_bert(**BERT), extra_callbacks=[printed])
     report = json.loads((tmp_path / "memory.json").read_text())
     history = report["ranks"][0]["history"]
-    assert [r["step"] for r in history] == [0, 2]
+    assert [r["step"] for r in history] == [0, 2, 3]  # every interval, and the last step
     numel = sum(p.numel() for p in trainer.model.parameters())
     for record in history:
         assert record["params_bytes"] == 4 * numel
@@ -70,8 +86,15 @@ def test_trainer_logs_metrics_and_writes_the_report(tmp_path: Path, tiny_bert) -
         assert record["optimizer_state_bytes"] > 8 * numel
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
     logged = [h for h in trainer.state.log_history if "memory/optimizer_state_bytes" in h]
-    assert [h["step"] for h in logged] == [1, 3]  # the on_log right after each record
-    assert logged[0]["memory/params_bytes"] == 4 * numel
+    assert [h["step"] for h in logged][:2] == [1, 3]  # the on_log right after each record
+    assert logged[0]["memory/params_bytes"] == 4 * numel  # every metric in trainer_state.json
+    assert len([k for k in logged[0] if k.startswith("memory/")]) > 10
+    # A log line shows the headline metrics only.
+    headline = {
+        "memory/" + key for key in ("peak_bytes", "training_state_bytes", "optimizer_state_bytes", "saving_ratio")
+    }
+    shown = [keys for keys in printed.keys if keys]
+    assert shown and all(keys <= headline and "memory/optimizer_state_bytes" in keys for keys in shown)
 
 
 def test_hf_and_lightning_report_the_same_numbers(tmp_path: Path, tiny_bert, quiet_trainer) -> None:
