@@ -8,13 +8,11 @@ subprocess (Lightning's launcher starts the other ranks by re-running the comman
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -34,18 +32,6 @@ FAST = [
     "--data.init_args.batch_size=4",
 ]
 
-# Classes that other issues are writing. A config naming one of them is skipped (with the
-# reason) until the class can be imported, and runs from then on. Anything else that does not
-# resolve is a broken config and fails.
-PENDING: dict[str, tuple[str, str, str]] = {
-    "MemoryProfiler": ("lightning_memopt.callbacks", "MemoryProfiler", "issue 3"),
-    "LayerwiseUpdates": ("lightning_memopt.callbacks", "LayerwiseUpdates", "issue 6"),
-    "ActivationCheckpointing": ("lightning_memopt.callbacks", "ActivationCheckpointing", "issue 6"),
-    "ActivationOffloading": ("lightning_memopt.callbacks", "ActivationOffloading", "issue 6"),
-    "ApolloFSDPStrategy": ("lightning_memopt.strategies", "ApolloFSDPStrategy", "issue 4"),
-    "apollo_fsdp": ("lightning_memopt.strategies", "ApolloFSDPStrategy", "issue 4"),
-}
-
 
 @pytest.fixture(autouse=True)
 def _isolated_run(tmp_path, monkeypatch, tmp_path_factory):
@@ -54,33 +40,6 @@ def _isolated_run(tmp_path, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("LIGHTNING_MEMOPT_CACHE", str(tmp_path_factory.getbasetemp() / "memopt_cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-memopt"])  # the CLI is given its arguments explicitly
-
-
-def _names(node: Any) -> set[str]:
-    """Class names (last component of class_path) and strategy names used in a YAML tree."""
-    found: set[str] = set()
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "class_path" and isinstance(value, str):
-                found.add(value.rsplit(".", 1)[-1])
-            elif key == "strategy" and isinstance(value, str):
-                found.add(value)
-            found |= _names(value)
-    elif isinstance(node, list):
-        for item in node:
-            found |= _names(item)
-    return found
-
-
-def _skip_while_pending(*paths: Path) -> None:
-    for path in paths:
-        for name in sorted(_names(yaml.safe_load(path.read_text())) & set(PENDING)):
-            module, attr, issue = PENDING[name]
-            try:
-                getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                where = f"{module}.{attr}, {issue}"
-                pytest.skip(f"{path.relative_to(ROOT)} names {name}, which is not importable yet ({where})")
 
 
 def _devices(path: Path) -> int:
@@ -106,7 +65,6 @@ def test_there_are_configs_and_fragments() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains(config: Path, tmp_path: Path) -> None:
-    _skip_while_pending(config)
     if _devices(config) > 1:
         command = [sys.executable, "-m", "lightning_memopt", "fit", "--config", str(config), *FAST]
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ)
@@ -121,7 +79,6 @@ def test_config_trains(config: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
 def test_fragment_composes_onto_quickstart(fragment: Path) -> None:
     """The fragment adds its callbacks and keeps the config's own (``trainer.callbacks+:``)."""
-    _skip_while_pending(QUICKSTART, fragment)
     # A config with a callback that no fragment provides, to see whether composing keeps it.
     base = ["--config", str(QUICKSTART), "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
     composed = run_cli([*base, "--config", str(fragment)], run=False)
@@ -137,6 +94,5 @@ def test_fragment_composes_onto_quickstart(fragment: Path) -> None:
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.stem)
 def test_fragment_trains_with_quickstart(fragment: Path) -> None:
-    _skip_while_pending(QUICKSTART, fragment)
     cli = run_cli(["fit", "--config", str(QUICKSTART), "--config", str(fragment), *FAST])
     _assert_trained(cli)

@@ -267,28 +267,17 @@ def reset_on_class_switch(args: list[str]) -> list[str]:
     return out
 
 
-def import_short_names() -> list[str]:
-    """Import our callbacks and strategies, so their short names resolve in YAML; returns the
-    names that cannot be imported in this install.
+def import_short_names() -> None:
+    """Import our callbacks and strategies, so that their short names resolve in YAML
+    (jsonargparse looks among the imported subclasses of each argument's type).
 
     Example:
-        >>> missing = import_short_names()
-        >>> isinstance(missing, list)
-        True
+        >>> import_short_names()
     """
-    missing = []
     for module_name, names in _SHORT_NAME_PROVIDERS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            missing += list(names)
-            continue
+        module = importlib.import_module(module_name)
         for name in names:
-            try:
-                getattr(module, name)
-            except (AttributeError, ImportError):
-                missing.append(name)
-    return missing
+            getattr(module, name)
 
 
 def _takes_optimizer_callable(class_path: str | None) -> bool:
@@ -401,7 +390,7 @@ class MemoptCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         quiet_known_noise()
-        self.missing_classes = import_short_names()
+        import_short_names()
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 1234)
@@ -431,8 +420,7 @@ class MemoptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         defaults: dict[str, Any] = {"model": QUICKSTART_MODEL, "data": QUICKSTART_DATA}
         defaults.update({f"trainer.{key}": value for key, value in QUICKSTART_TRAINER.items()})
-        profiler = "MemoryProfiler" not in self.missing_classes
-        defaults["trainer.callbacks"] = QUICKSTART_CALLBACKS if profiler else []
+        defaults["trainer.callbacks"] = QUICKSTART_CALLBACKS
         parser.set_defaults(defaults)
 
     def before_instantiate_classes(self) -> None:
@@ -447,8 +435,6 @@ class MemoptCLI(LightningCLI):
             config["model.init_args.optimizer"] = Namespace(
                 class_path=spec["class_path"], init_args=Namespace(**spec["init_args"])
             )
-        if "MemoryProfiler" in self.missing_classes and self.subcommand == "fit":
-            rank_zero_info("lightning-memopt: MemoryProfiler is not available in this install; no memory report.")
 
     def instantiate_classes(self) -> None:
         # A value a class refuses (rank=-3, an unknown optimizer name) is a configuration error:
