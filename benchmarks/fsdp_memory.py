@@ -186,7 +186,11 @@ def run_world(shape_name: str, optimizers: list[str], out: Path) -> None:
 def run_world_in_fresh_process(shape_name: str, optimizers: list[str], world_size: int, out: Path) -> list[dict]:
     command = [sys.executable, str(Path(__file__).resolve()), "--shape", shape_name, "--world", str(out)]
     command += ["--optimizers", ",".join(optimizers)]
-    env = {**os.environ, "LIGHTNING_MEMOPT_DEVICES": str(world_size), "PYTHONWARNINGS": "ignore"}
+    # A fresh launch: launcher variables inherited from the caller (LOCAL_RANK, ...) would make
+    # Lightning take the child for an already launched rank and wait for ranks nobody starts.
+    launched = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launched}
+    env.update(LIGHTNING_MEMOPT_DEVICES=str(world_size), PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"{world_size} rank(s) failed (exit {done.returncode}):\n{done.stderr[-4000:]}")

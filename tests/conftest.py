@@ -41,6 +41,24 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+# What Lightning's launcher and torchrun set for a rank. Lightning's subprocess launcher sets them
+# in the launching process itself, and a Trainer that finds LOCAL_RANK takes itself for an
+# already launched rank: left behind by one test, they make a later multi-device run wait forever
+# for ranks nobody starts.
+_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launcher_variables() -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in _LAUNCHER_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def tiny_llama() -> Callable[..., torch.nn.Module]:
     """``tiny_llama(seed=0, **llama_config)``: a 2-block ``LlamaForCausalLM`` over bytes with
