@@ -52,11 +52,18 @@ _LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", 
 def _restore_launcher_variables() -> Iterator[None]:
     before = {name: os.environ.get(name) for name in _LAUNCHER_VARIABLES}
     yield
+    launched = os.environ.get("LOCAL_RANK") != before["LOCAL_RANK"]
     for name, value in before.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    if launched:
+        pytest.fail(
+            "this test ran Lightning's subprocess launcher in the pytest process (it set LOCAL_RANK and started "
+            "copies of the pytest command as the other ranks): use the run_ranks fixture or a subprocess",
+            pytrace=False,
+        )
 
 
 @pytest.fixture
