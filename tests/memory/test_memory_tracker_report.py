@@ -77,7 +77,7 @@ def test_report_json_schema_and_png(tmp_path: Path) -> None:
     entry = data["ranks"][0]
     assert {"rank", "world_size", "device", "peak_source", "peak_resettable", "max_peak_bytes", "notes"} <= set(entry)
     assert (entry["rank"], entry["device"], entry["peak_source"]) == (0, "cpu", "cpu_rss")
-    assert [r["step"] for r in entry["history"]] == [0, 2]
+    assert [r["step"] for r in entry["history"]] == [0, 2, 3]  # every interval, and the last step at finish
     assert entry["final"] == entry["history"][-1]
     check_record(entry["final"])
     assert entry["breakdown"]["optimizer_state_bytes"] == entry["final"]["optimizer_state_bytes"]
