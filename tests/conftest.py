@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -59,10 +60,11 @@ def _restore_launcher_variables() -> Iterator[None]:
         else:
             os.environ[name] = value
     if launched:
-        pytest.fail(
+        warnings.warn(
             "this test ran Lightning's subprocess launcher in the pytest process (it set LOCAL_RANK and started "
             "copies of the pytest command as the other ranks): use the run_ranks fixture or a subprocess",
-            pytrace=False,
+            pytest.PytestWarning,
+            stacklevel=1,
         )
 
 
