@@ -61,8 +61,9 @@ def _restore_launcher_variables() -> Iterator[None]:
             os.environ[name] = value
     if launched:
         warnings.warn(
-            "this test ran Lightning's subprocess launcher in the pytest process (it set LOCAL_RANK and started "
-            "copies of the pytest command as the other ranks): use the run_ranks fixture or a subprocess",
+            "this test ran Lightning's subprocess launcher in the pytest process (it set LOCAL_RANK and, with "
+            "several devices, starts copies of the pytest command as the other ranks): use the run_ranks fixture "
+            "or a subprocess",
             pytest.PytestWarning,
             stacklevel=1,
         )

@@ -97,11 +97,12 @@ def test_int8_weights_are_refused_with_the_fix() -> None:
 
     model = TinyModel()
     quantize_linear_weights(model, "all-linear")
-    # One device: the refusal comes when the model is connected, which with devices > 1 happens only
-    # after Lightning's launcher has started the other ranks (in pytest, copies of the whole test run).
-    trainer = pl.Trainer(strategy="apollo_hsdp", accelerator="cpu", devices=1, logger=False, max_steps=1)
+    # The refusal comes when fit connects the model to the strategy; fit itself would first run
+    # Lightning's launcher (with several devices: copies of the whole pytest command as the other
+    # ranks), so the test connects the model the way fit does, in this process.
+    trainer = pl.Trainer(strategy="apollo_hsdp", accelerator="cpu", devices=2, logger=False, max_steps=1)
     with pytest.raises(ValueError, match=r"INT8 weights .* FSDP2 cannot shard .* \(strategy='auto', devices=1\)"):
-        trainer.fit(model)
+        trainer.strategy.connect(model)
 
 
 # ---------------------------------------------------------------------- 4 ranks, a (2, 2) mesh
