@@ -41,6 +41,8 @@ def test_no_arguments_run_the_quickstart_config() -> None:
     assert type(defaults.model).__name__ == "CausalLM" and type(defaults.datamodule).__name__ == "TextDataModule"
     assert defaults.config.model.init_args.optimizer.class_path.endswith("APOLLOMini")
     assert type(defaults.trainer.logger).__name__ == "TensorBoardLogger"
+    # Crash-safe checkpoint files by default (temporary name, fsync, atomic rename).
+    assert type(defaults.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
 
 
 def test_short_names_resolve_for_our_classes() -> None:

@@ -344,6 +344,31 @@ def check_automatic_optimizer(config: Namespace) -> None:
     )
 
 
+def drop_checkpoint_io_for_apollo_fsdp(strategy: Any, plugins: Any) -> Any:
+    """``plugins`` without our default ``AtomicCheckpointIO`` when the strategy is ``apollo_fsdp`` /
+    ``apollo_hsdp`` (by name or class), which writes atomically itself and which Lightning refuses to
+    combine with a checkpoint-IO plugin ("checkpoint_io set through both strategy class and plugins").
+
+    Example:
+        >>> atomic = {"class_path": "lightning_memopt.strategies.AtomicCheckpointIO"}
+        >>> drop_checkpoint_io_for_apollo_fsdp("apollo_fsdp", [atomic])
+        []
+        >>> drop_checkpoint_io_for_apollo_fsdp("auto", [atomic]) == [atomic]
+        True
+    """
+    name = strategy if isinstance(strategy, str) else (getattr(strategy, "class_path", None) or "")
+    if not (name.startswith(("apollo_fsdp", "apollo_hsdp")) or name.endswith("ApolloFSDPStrategy")):
+        return plugins
+    if not isinstance(plugins, list):
+        return plugins
+
+    def is_atomic(plugin: Any) -> bool:
+        class_path = plugin.get("class_path") if isinstance(plugin, dict) else getattr(plugin, "class_path", None)
+        return isinstance(class_path, str) and class_path.endswith("AtomicCheckpointIO")
+
+    return [p for p in plugins if not is_atomic(p)]
+
+
 def dedupe_our_callbacks(callbacks: list[Any] | None) -> list[Any] | None:
     """Keep one callback of each of our classes, the last one given, in the first one's place.
 
@@ -421,12 +446,18 @@ class MemoptCLI(LightningCLI):
         defaults: dict[str, Any] = {"model": QUICKSTART_MODEL, "data": QUICKSTART_DATA}
         defaults.update({f"trainer.{key}": value for key, value in QUICKSTART_TRAINER.items()})
         defaults["trainer.callbacks"] = QUICKSTART_CALLBACKS
+        # Checkpoint files written under a temporary name and renamed: a run killed during a save
+        # resumes from the previous complete checkpoint (apollo_fsdp's folders are atomic anyway).
+        defaults["trainer.plugins"] = [{"class_path": "lightning_memopt.strategies.AtomicCheckpointIO"}]
         parser.set_defaults(defaults)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_automatic_optimizer(config)
         config["trainer.callbacks"] = dedupe_our_callbacks(config.get("trainer.callbacks"))
+        config["trainer.plugins"] = drop_checkpoint_io_for_apollo_fsdp(
+            config.get("trainer.strategy"), config.get("trainer.plugins")
+        )
         # A registry name given in a YAML file (the command line's are rewritten before parsing):
         # its class with the registry's defaults, so that the saved config.yaml names a class.
         name = config.get("model.init_args.optimizer")
