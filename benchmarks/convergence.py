@@ -14,9 +14,9 @@ Contenders: ``adamw`` (fused), ``apollo`` (rank hidden/4, channel-wise scaling),
 
 The sweep is long on a CPU (each run is ``--tokens`` tokens), so it is resumable: every finished
 run is appended to ``convergence.json`` at once, and a later invocation skips the runs that are
-there (same optimizer, learning rate, seed, token budget and model). Run it in pieces with
-``--only``; the table, ``convergence.md`` and the plot ``convergence.png`` are rebuilt from all runs
-each time.
+there (same optimizer, learning rate, seed, token budget and model); a run cut off midway continues
+from its last evaluation (``partial/``). Run it in pieces with ``--only`` and ``--lrs``; the table,
+``convergence.md`` and the plot ``convergence.png`` are rebuilt from all runs each time.
 
 ``convergence.json`` is a list of runs, each ``{"optimizer", "lr", "seed", "val_loss",
 "optimizer_state_bytes", "tokens_per_s", ...}`` (plus the curve and the settings), for other tools.
@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/convergence.py                          # the whole sweep (hours on 2 cores)
     python benchmarks/convergence.py --only adamw,apollo_mini # some optimizers now, the rest later
+    python benchmarks/convergence.py --only adamw --lrs 1e-3  # one run (about 40 min on 2 cores)
     python benchmarks/convergence.py --report                 # rebuild the table and plot only
     python benchmarks/convergence.py --smoke --out /tmp/x     # a tiny model, seconds (the test)
 """
@@ -187,9 +188,22 @@ def validation_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: in
 
 
 def train_run(
-    contender: Contender, lr: float, seed: int, setting: Setting, train: torch.Tensor, val: torch.Tensor, vocab: int
+    contender: Contender,
+    lr: float,
+    seed: int,
+    setting: Setting,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    vocab: int,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """Pre-train one model from scratch; the final validation loss, the curve, state and speed."""
+    """Pre-train one model from scratch; the final validation loss, the curve, state and speed.
+
+    With ``partial`` (a file path), the run saves itself there at every evaluation and continues
+    from it when the file exists, so a run cut off after half an hour loses one evaluation interval,
+    not the whole run; the file is deleted when the run finishes. The speed is the median step
+    time, so a paused or briefly shared machine does not bend it.
+    """
     from lightning_memopt.memory import breakdown
     from lightning_memopt.models import WarmupCosineLR
     from lightning_memopt.quant import quantize_linear_weights
@@ -202,9 +216,23 @@ def train_run(
         optimizer, total_steps=setting.steps, warmup_steps=setting.warmup_fraction, min_lr_ratio=setting.min_lr_ratio
     )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    curve: list[tuple[int, float]] = [(0, validation_loss(model, val, setting.batch_size))]
-    train_seconds, diverged = 0.0, False
-    for step in range(setting.steps):
+    first_step, step_seconds, diverged = 0, [], False
+    saved = torch.load(partial, weights_only=True) if partial is not None and partial.exists() else None
+    if saved is not None and saved["setting"] != asdict(setting):
+        print(f"    {partial} was saved under other settings: starting the run afresh", flush=True)
+        saved = None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        first_step, step_seconds = saved["step"], saved["step_seconds"]
+        curve = [tuple(point) for point in saved["curve"]]
+        print(f"    continuing {contender.name} lr {lr:g} seed {seed} from step {first_step}", flush=True)
+    else:
+        curve = [(0, validation_loss(model, val, setting.batch_size))]
+    step = first_step - 1
+    for step in range(first_step, setting.steps):
         rows = order[(torch.arange(setting.batch_size) + step * setting.batch_size) % len(order)]
         batch = train[rows]
         start = time.perf_counter()
@@ -213,14 +241,17 @@ def train_run(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        train_seconds += time.perf_counter() - start
+        step_seconds.append(time.perf_counter() - start)
         if not math.isfinite(float(loss.detach())):
             diverged = True
             break
         if (step + 1) % setting.eval_every == 0 or step + 1 == setting.steps:
             tokens = (step + 1) * setting.batch_size * setting.seq_len
             curve.append((tokens, validation_loss(model, val, setting.batch_size)))
-    steps_run = step + 1
+            if partial is not None and step + 1 < setting.steps:
+                _save_partial(partial, setting, model, optimizer, scheduler, step + 1, step_seconds, curve)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     return {
         "optimizer": contender.name,
         "lr": lr,
@@ -228,12 +259,43 @@ def train_run(
         "val_loss": curve[-1][1] if not diverged else float("nan"),
         "diverged": diverged,
         "optimizer_state_bytes": breakdown(model, optimizer, grads=False).optimizer_state_bytes,
-        "tokens_per_s": steps_run * setting.batch_size * setting.seq_len / train_seconds,
+        "tokens_per_s": setting.batch_size * setting.seq_len / statistics.median(step_seconds),
         "tokens": setting.tokens,
         "steps": setting.steps,
         "curve": curve,
         "setting": asdict(setting),
     }
+
+
+def _save_partial(
+    path: Path,
+    setting: Setting,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    step_seconds: list[float],
+    curve: list[tuple[int, float]],
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step": step,
+        "step_seconds": step_seconds,
+        "curve": curve,
+        "setting": asdict(setting),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)  # atomic: a kill during the save keeps the previous file
+
+
+def partial_path(out: Path, name: str, lr: float, seed: int) -> Path:
+    """Where an unfinished run keeps its state between invocations."""
+    return out / "partial" / f"{name}-lr{lr:g}-seed{seed}.pt"
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -358,6 +420,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="comma-separated contenders (default: all)")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per run (default 4M)")
+    parser.add_argument("--lrs", default=None, help="learning rates of the grid to run now, comma-separated")
     parser.add_argument("--seeds", type=int, default=2, help="seeds at each optimizer's best learning rate")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of convergence.json/.md/.png")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -380,6 +443,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(available)}")
 
+    wanted_lrs = None
+    if args.lrs:
+        try:
+            wanted_lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+        except ValueError:
+            parser.error(f"--lrs {args.lrs!r}: expected comma-separated numbers such as 1e-3,3e-3")
+
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "convergence.json"
     runs: list[dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else []
@@ -394,7 +464,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     def run_once(contender: Contender, lr: float, seed: int) -> None:
         if any(_same_run(r, contender.name, lr, seed, setting) for r in runs):
             return
-        result = train_run(contender, lr, seed, setting, train, val, vocab)
+        partial = partial_path(args.out, contender.name, lr, seed)
+        result = train_run(contender, lr, seed, setting, train, val, vocab, partial)
         result["machine"] = machine
         runs.append(result)
         results_file.write_text(json.dumps(runs, indent=1) + "\n")  # at once: the sweep is resumable
@@ -407,7 +478,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in names:
         contender = available[name]
         for lr in contender.lrs:
-            run_once(contender, lr, 0)
+            if wanted_lrs is None or any(math.isclose(lr, w) for w in wanted_lrs):
+                run_once(contender, lr, 0)
+        if wanted_lrs is not None and not all(
+            any(_same_run(r, name, lr, 0, setting) for r in runs) for lr in contender.lrs
+        ):
+            continue  # the extra seeds wait until the whole grid has run
         chosen = best_lr([r for r in runs if r.get("setting") == asdict(setting)], name)
         if chosen is not None:
             for seed in range(1, args.seeds):

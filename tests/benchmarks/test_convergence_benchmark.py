@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +72,32 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--tokens", "10"])
     assert "less than one batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--lrs", "1e-3,fast"])
+    assert "--lrs '1e-3,fast': expected comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_cut_off_midway_continues_to_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script()
+    setting = bench.SMOKE
+    train, val = bench.document_split_blocks(setting)
+    vocab = int(max(train.max(), val.max())) + 1
+    contender = bench.contenders(setting)["apollo_mini"]
+    whole = bench.train_run(contender, 1e-2, 0, setting, train, val, vocab)
+
+    partial = tmp_path / "partial" / "run.pt"
+    save = bench._save_partial
+
+    def save_then_die(*args: object) -> None:
+        save(*args)
+        raise KeyboardInterrupt  # the session is cut off right after the first evaluation
+
+    monkeypatch.setattr(bench, "_save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bench.train_run(contender, 1e-2, 0, setting, train, val, vocab, partial)
+    assert torch.load(partial, weights_only=True)["step"] == setting.eval_every
+    monkeypatch.setattr(bench, "_save_partial", save)
+    continued = bench.train_run(contender, 1e-2, 0, setting, train, val, vocab, partial)
+    assert continued["curve"] == whole["curve"] and continued["val_loss"] == whole["val_loss"]
+    assert not partial.exists()
