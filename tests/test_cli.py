@@ -34,7 +34,11 @@ def _as_dict(config: Namespace) -> dict:
 
 
 def test_no_arguments_run_the_quickstart_config() -> None:
-    """`lightning-memopt fit` and configs/quickstart.yaml are the same experiment."""
+    """`lightning-memopt fit` and configs/quickstart.yaml are the same experiment: the YAML ships in
+    the package and is the parser's defaults, and the repository's copy is a link to it."""
+    from lightning_memopt.cli import QUICKSTART_CONFIG
+
+    assert QUICKSTART.resolve() == QUICKSTART_CONFIG
     defaults = run_cli([], run=False)
     from_file = run_cli(["--config", str(QUICKSTART)], run=False)
     assert _as_dict(defaults.config) == _as_dict(from_file.config)

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelSummary as ModelSummaryBase
@@ -64,50 +65,24 @@ _SHORT_NAME_PROVIDERS = (
     ),
     ("lightning_memopt.strategies", ("ApolloFSDPStrategy",)),
 )
-MEMORY_PROFILER = "lightning_memopt.callbacks.MemoryProfiler"
+# The quickstart, i.e. what ``lightning-memopt fit`` runs with no arguments: the YAML shipped in the
+# package (configs/quickstart.yaml in the repository links to it), read once as the parser's defaults.
+QUICKSTART_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
-# The quickstart, i.e. what ``lightning-memopt fit`` runs with no arguments. configs/quickstart.yaml
-# spells out the same values with comments (tests/test_cli.py checks that the two agree).
-QUICKSTART_MODEL: dict[str, Any] = {
-    "class_path": "lightning_memopt.models.CausalLM",
-    "init_args": {
-        "model_name": "tiny",
-        "optimizer": {
-            "class_path": "lightning_memopt.optim.APOLLOMini",
-            "init_args": {"lr": 0.01, "weight_decay": 0.0, "update_proj_gap": 100},
-        },
-        "lr_scheduler": {
-            "class_path": "lightning_memopt.models.WarmupCosineLR",
-            "init_args": {"warmup_steps": 0.1, "min_lr_ratio": 0.1},
-        },
-    },
-}
-QUICKSTART_DATA: dict[str, Any] = {
-    "class_path": "lightning_memopt.data.TextDataModule",
-    "init_args": {
-        "sources": ["pydoc", "stdlib"],
-        "tokenizer": "bpe",
-        "bpe_vocab_size": 2048,
-        "seq_len": 128,
-        "batch_size": 16,
-    },
-}
-QUICKSTART_TRAINER: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "max_steps": 300,
-    "val_check_interval": 100,
-    "check_val_every_n_epoch": None,
-    "limit_val_batches": 20,
-    "log_every_n_steps": 10,
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": ".", "name": "lightning_logs"},
-    },
-}
-QUICKSTART_CALLBACKS: list[dict[str, Any]] = [
-    {"class_path": MEMORY_PROFILER, "init_args": {"interval": 50, "report_path": "memory_report.json"}}
-]
+
+def quickstart_defaults() -> dict[str, Any]:
+    """The quickstart YAML as parser defaults (``model``, ``data``, ``trainer.<key>``).
+
+    Example:
+        >>> quickstart_defaults()["trainer.max_steps"]
+        300
+    """
+    config = yaml.safe_load(QUICKSTART_CONFIG.read_text())
+    defaults: dict[str, Any] = {"model": config["model"], "data": config["data"]}
+    defaults.update({f"trainer.{key}": value for key, value in config["trainer"].items()})
+    return defaults
+
+
 # Where an option naming a class switches it: jsonargparse keeps the old class's init_args that
 # the new class also takes (APOLLO-Mini's rank 1 would stay with APOLLO); see reset_on_class_switch.
 CLASS_SWITCH_KEYS = (
@@ -443,13 +418,7 @@ class MemoptCLI(LightningCLI):
                     action.help = argparse.SUPPRESS
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        defaults: dict[str, Any] = {"model": QUICKSTART_MODEL, "data": QUICKSTART_DATA}
-        defaults.update({f"trainer.{key}": value for key, value in QUICKSTART_TRAINER.items()})
-        defaults["trainer.callbacks"] = QUICKSTART_CALLBACKS
-        # Checkpoint files written under a temporary name and renamed: a run killed during a save
-        # resumes from the previous complete checkpoint (apollo_fsdp's folders are atomic anyway).
-        defaults["trainer.plugins"] = [{"class_path": "lightning_memopt.strategies.AtomicCheckpointIO"}]
-        parser.set_defaults(defaults)
+        parser.set_defaults(quickstart_defaults())
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
