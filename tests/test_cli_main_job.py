@@ -78,6 +78,7 @@ def _final(report: Path) -> dict:
 COUNTED = ("params_bytes", "grads_bytes", "optimizer_state_bytes", "training_state_bytes", "saving_ratio")
 
 
+@pytest.mark.slow  # three CLI runs in subprocesses, about 30 s
 def test_ctrl_c_saves_and_resume_continues_exactly(run, tmp_path: Path) -> None:
     """SIGINT after step 3 -> a checkpoint of step 4, the report and the summary, exit 130; resuming
     it ends with the weights, optimizer state and memory report of a run never interrupted."""

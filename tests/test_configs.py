@@ -63,7 +63,12 @@ def test_there_are_configs_and_fragments() -> None:
     assert FRAGMENTS, "callbacks/ holds no fragments"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+# A multi-process config starts its own ranks: a slow test (CI runs it; the fast loop does not).
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(c, marks=pytest.mark.slow) if _devices(c) > 1 else c for c in CONFIGS],
+    ids=lambda p: p.stem,
+)
 def test_config_trains(config: Path, tmp_path: Path) -> None:
     if _devices(config) > 1:
         command = [sys.executable, "-m", "lightning_memopt", "fit", "--config", str(config), *FAST]
