@@ -76,20 +76,20 @@ FULL = {
     "prompts": 4,
     "prompt_len": 32,
     "new_tokens": 64,
-    "repeats": 3,
+    "repeats": 9,
     # exit layer, draft length[, draft confidence: end a draft after a token the exit is unsure of]
     "spec": [[3, 4], [3, 6], [5, 6], [3, 8, 0.3], [5, 8, 0.3]],
     "hf_assistant": [3],
-    # Confidence thresholds: "auto" picks, on held-out blocks, the lowest threshold whose
-    # teacher-forced agreement with the full model reaches each target (a small model trained for
-    # minutes is rarely confident in absolute terms: fixed thresholds like 0.9 never exit).
+    # Confidence thresholds: "auto" picks, on held-out calibration prompts, the lowest threshold
+    # whose generated tokens agree with the full model's at each target rate (a small model trained
+    # for minutes is rarely confident in absolute terms: fixed thresholds like 0.9 never exit).
     "thresholds": "auto",
     # The exits confidence exit tries: each try costs a head (hidden x vocab) evaluation, about a
     # block's compute here, so one mid-depth exit beats trying all three.
     "confidence_exits": [3],
     "agreement_targets": [0.99, 0.97, 0.95],
     "threshold_grid": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03],
-    "calibration_batches": 3,
+    "calibration_prompts": 8,
     "val_batches": 6,
 }
 SMOKE = {
@@ -112,7 +112,7 @@ SMOKE = {
     "confidence_exits": [1, 2],
     "agreement_targets": [0.0],  # exercises the calibration: the lowest grid threshold passes
     "threshold_grid": [0.9, 0.5],
-    "calibration_batches": 1,
+    "calibration_prompts": 1,
     "val_batches": 1,
     "max_chars": 60_000,
 }
@@ -242,7 +242,7 @@ def methods(model: torch.nn.Module, cfg: dict[str, Any], new: int) -> dict[str, 
             model, p, new, exit_layer=e, num_draft_tokens=k, draft_confidence=c
         )
     for threshold in cfg["chosen_thresholds"]:
-        table[f"confidence exit {threshold:g}"] = lambda p, t=threshold: early_exit_generate(model, p, new, threshold=t)
+        table[f"confidence exit {threshold:g}"] = lambda p, t=threshold: _confidence_generate(model, p, new, t, cfg)
     return table
 
 
@@ -316,7 +316,8 @@ def confidence_quality(model: torch.nn.Module, dm: TextDataModule, cfg: dict[str
     """Teacher forced on held-out blocks, per threshold: agreement of each token's exit prediction
     with the full model's, the fraction of blocks skipped, and the loss change."""
     out: dict[str, dict[str, float]] = {}
-    skip = cfg["calibration_batches"] if cfg["thresholds"] == "auto" else 0
+    # The first held-out batch holds the calibration prompts: measured on the batches after it.
+    skip = math.ceil(cfg["calibration_prompts"] / cfg["batch"]) if cfg["thresholds"] == "auto" else 0
     loader = list(zip(range(skip + cfg["val_batches"]), dm.val_dataloader()))
     batches = [b["input_ids"] for _, b in loader[skip:]] or [b["input_ids"] for _, b in loader]
     full = [early_exit_forward(model, b, threshold=1.0, labels=b) for b in batches]
@@ -345,23 +346,30 @@ def _forward(model: torch.nn.Module, batch: torch.Tensor, threshold: float, cfg:
 def calibrate_thresholds(
     model: torch.nn.Module, dm: TextDataModule, cfg: dict[str, Any]
 ) -> tuple[list[float], dict[str, float]]:
-    """For each agreement target, the lowest threshold of the grid whose teacher-forced agreement
-    with the full model reaches it, on the first held-out batches (not those the quality is
-    measured on)."""
-    batches = [b["input_ids"] for _, b in zip(range(cfg["calibration_batches"]), dm.val_dataloader())]
-    full = [model(b).logits.argmax(-1) for b in batches]
+    """For each agreement target, the lowest threshold of the grid whose *generated* tokens equal the
+    full model's greedy tokens at that rate, on calibration prompts (the first held-out blocks; the
+    measured prompts are the last ones). Generated agreement is the strict measure: one early
+    disagreement changes the text that every later token is conditioned on."""
+    new = cfg["new_tokens"]
+    prompts = [dm.val_dataset[i]["input_ids"][None, : cfg["prompt_len"]] for i in range(cfg["calibration_prompts"])]
+    full = [early_exit_generate(model, p, new, threshold=1.0).sequences[0, p.shape[1] :] for p in prompts]
     agreement: dict[str, float] = {}
     for threshold in sorted(cfg["threshold_grid"], reverse=True):
-        agree = sum(
-            int((_forward(model, b, threshold, cfg).logits.argmax(-1) == f).sum()) for b, f in zip(batches, full)
-        )
-        agreement[f"{threshold:g}"] = agree / sum(b.numel() for b in batches)
+        equal = 0
+        for prompt, reference in zip(prompts, full, strict=True):
+            made = _confidence_generate(model, prompt, new, threshold, cfg).sequences[0, prompt.shape[1] :]
+            equal += int((made == reference).sum())
+        agreement[f"{threshold:g}"] = equal / (new * len(prompts))
     chosen = []
     for target in cfg["agreement_targets"]:
         passing = [float(t) for t, a in agreement.items() if a >= target]
         if passing:
             chosen.append(min(passing))
     return sorted(set(chosen), reverse=True), agreement
+
+
+def _confidence_generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, threshold: float, cfg: dict[str, Any]):
+    return early_exit_generate(model, prompt, new, threshold=threshold, exit_layers=cfg["confidence_exits"])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -408,6 +416,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"HF greedy's continuations hold {report['decode']['reference_distinct_tokens']:.1f} distinct tokens (of "
         f"{cfg['new_tokens']}) on average; the first one reads {report['sample']!r}.",
         "",
+        *(
+            [
+                f"Threshold calibration (confidence exit at blocks {cfg['confidence_exits']}; generated tokens equal "
+                f"to the full model's on {cfg['calibration_prompts']} other held-out prompts): "
+                + ", ".join(f"{t}: {a:.1%}" for t, a in cfg["calibration_agreement"].items())
+                + f"; chosen for targets {cfg['agreement_targets']}: {cfg['chosen_thresholds']}.",
+                "",
+            ]
+            if "calibration_agreement" in cfg
+            else []
+        ),
         f"Targets: self-speculative lossless >= {SPEC_TARGET}x HF greedy: best {target['best_speculative']:.2f}x "
         f"({'met' if target['speculative_met'] else 'missed'}); confidence exit >= {CONF_TARGET}x at >= "
         f"{CONF_AGREEMENT:.0%} agreement: best {target['best_confidence']:.2f}x by generated-token agreement "
@@ -452,9 +471,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-only", action="store_true", help="train (or load) and report the exits' losses")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached weights")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training (decoding uses 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved decoding repeats (default 9)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for early_exit.json, .md, .png")
     args = parser.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats {args.repeats}: expected at least 1")
+        cfg["repeats"] = args.repeats
     dm = data_module(cfg)
     # One thread: on shared cores OpenMP's spinning threads wait on each other (3-5x slower steps).
     torch.set_num_threads(args.threads)
