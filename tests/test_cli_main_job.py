@@ -241,3 +241,15 @@ def test_predict_with_early_exits_and_moe(config: str, tmp_path: Path, monkeypat
         assert "early exits:" in capsys.readouterr().out
     else:
         assert "exits" not in rows[0]
+
+
+def test_a_mistyped_subcommand_names_the_closest_and_every_choice(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt", "--trainer.max_steps=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'fitt'; did you mean 'fit'?" in err and "estimate" in err
+    assert max(map(len, err.splitlines())) <= 80
+    with pytest.raises(SystemExit):
+        main(["benchmark"])
+    assert "unknown subcommand 'benchmark'. Choose from: fit, validate" in capsys.readouterr().err.replace("\n", " ")

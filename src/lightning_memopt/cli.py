@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import json
@@ -25,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -813,6 +815,20 @@ def short_help(subcommand: str) -> str:
     return SHORT_HELP.format(sub=subcommand, what=_WHAT[subcommand], ckpt=ckpt, extra=extra)
 
 
+def unknown_subcommand_message(name: str) -> str:
+    """The one-line error for a mistyped subcommand, with the closest name and every choice.
+
+    Example:
+        >>> print(unknown_subcommand_message("fitt"))
+        lightning-memopt: unknown subcommand 'fitt'; did you mean 'fit'? Choose from:
+        fit, validate, test, predict, estimate.
+    """
+    choices = [*_WHAT, "estimate"]
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "."
+    return textwrap.fill(f"{PROG}: unknown subcommand '{name}'{hint} Choose from: {', '.join(choices)}.", 80)
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``lightning-memopt`` command (``args`` defaults to ``sys.argv[1:]``).
 
@@ -829,6 +845,9 @@ def main(args: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
+    if args and not args[0].startswith("-") and args[0] not in (*_WHAT, "estimate"):
+        print(unknown_subcommand_message(args[0]), file=sys.stderr)
+        raise SystemExit(2)  # argparse's status for a usage error
     if args and args[0] in ("-h", "--help"):
         print("estimate: memory per device of a run before it runs (lightning-memopt estimate --help)\n")
     if len(args) >= 2 and args[0] in _WHAT and args[1] in ("-h", "--help"):
