@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ def test_report_json_schema_and_png(tmp_path: Path) -> None:
     assert (data["interval"], data["world_size"], len(data["ranks"])) == (2, 1, 1)
     entry = data["ranks"][0]
     assert {"rank", "world_size", "device", "peak_source", "peak_resettable", "max_peak_bytes", "notes"} <= set(entry)
+    assert entry["host"] == socket.gethostname()  # a multi-node report can group its ranks by machine
     assert (entry["rank"], entry["device"], entry["peak_source"]) == (0, "cpu", "cpu_rss")
     assert [r["step"] for r in entry["history"]] == [0, 2, 3]  # every interval, and the last step at finish
     assert entry["final"] == entry["history"][-1]

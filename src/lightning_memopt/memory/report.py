@@ -3,7 +3,7 @@
 JSON layout (``schema`` = :data:`REPORT_SCHEMA`)::
 
     {"schema": "lightning_memopt.memory_report/1", "interval": 50, "world_size": 2,
-     "ranks": [{"rank": 0, "world_size": 2, "device": "cuda:0",
+     "ranks": [{"rank": 0, "world_size": 2, "host": "node-a", "device": "cuda:0",
                 "peak_source": "cuda_allocator", "peak_resettable": true, "notes": [...],
                 "final": {<record>}, "breakdown": {<MemoryBreakdown.to_dict()>},
                 "history": [{<record>}, ...]}, ...]}

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,9 @@ class MemoryTracker:
         return {
             "rank": rank,
             "world_size": world,
+            # The machine: a multi-node report groups its ranks by it (one node's ranks share
+            # its host memory; the GPUs' figures are per device either way).
+            "host": socket.gethostname(),
             "device": str(self._device),
             "peak_source": peak.get("peak_source"),
             "peak_resettable": peak.get("peak_resettable"),
