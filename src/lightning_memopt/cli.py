@@ -73,7 +73,7 @@ QUICKSTART_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.ya
 
 
 def quickstart_defaults() -> dict[str, Any]:
-    """The quickstart YAML as parser defaults (``model``, ``data``, ``trainer.<key>``).
+    """The quickstart YAML as parser defaults (``seed_everything``, ``model``, ``data``, ``trainer.<key>``).
 
     Example:
         >>> quickstart_defaults()["trainer.max_steps"]
@@ -81,6 +81,8 @@ def quickstart_defaults() -> dict[str, Any]:
     """
     config = yaml.safe_load(QUICKSTART_CONFIG.read_text())
     defaults: dict[str, Any] = {"model": config["model"], "data": config["data"]}
+    if "seed_everything" in config:
+        defaults["seed_everything"] = config["seed_everything"]
     defaults.update({f"trainer.{key}": value for key, value in config["trainer"].items()})
     return defaults
 
@@ -816,7 +818,7 @@ def short_help(subcommand: str) -> str:
 
 
 def unknown_subcommand_message(name: str) -> str:
-    """The one-line error for a mistyped subcommand, with the closest name and every choice.
+    """The error for a mistyped subcommand (80 columns wide), with the closest name and every choice.
 
     Example:
         >>> print(unknown_subcommand_message("fitt"))
