@@ -817,6 +817,10 @@ def short_help(subcommand: str) -> str:
     return SHORT_HELP.format(sub=subcommand, what=_WHAT[subcommand], ckpt=ckpt, extra=extra)
 
 
+# Every subcommand: LightningCLI's four and our own `estimate` (dispatched in main()).
+SUBCOMMANDS = (*_WHAT, "estimate")
+
+
 def unknown_subcommand_message(name: str) -> str:
     """The error for a mistyped subcommand (80 columns wide), with the closest name and every choice.
 
@@ -825,10 +829,9 @@ def unknown_subcommand_message(name: str) -> str:
         lightning-memopt: unknown subcommand 'fitt'; did you mean 'fit'? Choose from:
         fit, validate, test, predict, estimate.
     """
-    choices = [*_WHAT, "estimate"]
-    close = difflib.get_close_matches(name, choices, n=1)
+    close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
-    return textwrap.fill(f"{PROG}: unknown subcommand '{name}'{hint} Choose from: {', '.join(choices)}.", 80)
+    return textwrap.fill(f"{PROG}: unknown subcommand '{name}'{hint} Choose from: {', '.join(SUBCOMMANDS)}.", 80)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -847,7 +850,7 @@ def main(args: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    if args and not args[0].startswith("-") and args[0] not in (*_WHAT, "estimate"):
+    if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
         print(unknown_subcommand_message(args[0]), file=sys.stderr)
         raise SystemExit(2)  # argparse's status for a usage error
     if args and args[0] in ("-h", "--help"):
