@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.slow  # trains a tokenizer and a model, then decodes with five methods: ~45 s on a busy 2-core machine
+@pytest.mark.slow  # trains a tokenizer and a model, then decodes with six methods: ~45 s on a busy 2-core machine
 def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("early_exit_benchmark", ROOT / "benchmarks" / "early_exit.py")
     module = importlib.util.module_from_spec(spec)
@@ -31,13 +31,19 @@ def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
         "ours, full model",
         "self-speculative exit 1, draft 3",
         "confidence exit 0.5",
+        "confidence exit 0.5, gates",
     }
     assert rows["HF greedy"]["speedup"]["median"] == 1.0
     assert rows["ours, full model"]["lossless"] and rows["self-speculative exit 1, draft 3"]["lossless"]
     assert 0.0 <= rows["self-speculative exit 1, draft 3"]["acceptance_rate"] <= 1.0
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
-    quality = report["confidence_quality"]["confidence exit 0.5"]
-    assert 0.0 <= quality["teacher_forced_agreement"] <= 1.0
+    for method in ("confidence exit 0.5", "confidence exit 0.5, gates"):
+        quality = report["confidence_quality"][method]
+        assert 0.0 <= quality["teacher_forced_agreement"] <= 1.0
+        assert rows[method]["fraction_skipped"] >= 0.0
+    assert set(report["gates"]["training_agreement"]) == {"1", "2"}
+    calibration = report["config"]["calibration"]["gates"]
+    assert set(calibration["generated"]) == set(calibration["teacher_forced"]) == {"0.9", "0.5"}
     assert json.loads((tmp_path / "early_exit.json").read_text())["benchmark"] == "early_exit"
     assert "| self-speculative exit 1, draft 3 |" in (tmp_path / "early_exit.md").read_text()
     assert (tmp_path / "early_exit.png").stat().st_size > 1000

@@ -219,7 +219,7 @@ def test_bad_confidence_exit_input_raises() -> None:
 def test_lean_block_is_the_llama_block_to_the_bit() -> None:
     from transformers import DynamicCache
 
-    from lightning_memopt.layers.early_exit_decoding import _Decoder, _LeanLlamaBlock
+    from lightning_memopt.layers.early_exit_decoding import _Decoder, _LeanHead, _LeanLlamaBlock
 
     model = tiny()
     decoder = _Decoder(model, model._memopt_early_exits, "test", 16)
@@ -235,6 +235,17 @@ def test_lean_block_is_the_llama_block_to_the_bit() -> None:
         outputs.append((first, second, cache.layers[0].keys))
     for lean_out, module_out in zip(*outputs):
         assert torch.equal(lean_out, module_out)
+    # The exits' heads, the final head and the embedding as plain ops: the modules' results, to the bit.
+    exits = model._memopt_early_exits
+    assert all(isinstance(decoder.heads[layer], _LeanHead) for layer in exits.exit_layers)
+    assert isinstance(decoder.final_head, _LeanHead)
+    with torch.no_grad():
+        for layer in exits.exit_layers:
+            assert torch.equal(decoder.heads[layer](hidden), exits.heads[layer](hidden))
+            assert torch.equal(decoder.heads[layer](hidden[:, -1:]), exits.heads[layer](hidden[:, -1:]))
+        assert torch.equal(decoder.final_head(hidden), exits.final_head(hidden))
+        ids = torch.tensor([[3, 1, 4, 1, 5]])
+        assert torch.equal(decoder.embed(ids), model.model.embed_tokens(ids))
     # Anything but a plain LLaMA block (here an INT8-style replaced linear) runs as a module.
     model.model.layers[1].mlp.up_proj = nn.Sequential(model.model.layers[1].mlp.up_proj)
     assert _LeanLlamaBlock.wrap(model.model.layers[1]) is None

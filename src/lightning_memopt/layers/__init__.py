@@ -23,6 +23,7 @@ from .early_exit import (
     remove_early_exits,
 )
 from .early_exit_decoding import EarlyExitGenerateOutput, early_exit_generate
+from .exit_gates import ExitGates, fit_exit_gates
 from .moe import (
     MoELayer,
     MoELoss,
@@ -54,6 +55,7 @@ from .upcycling import upcycle_to_moe
 __all__ = [
     "EarlyExitGenerateOutput",
     "EarlyExits",
+    "ExitGates",
     "LossTerm",
     "MoELayer",
     "MoELoss",
@@ -72,6 +74,7 @@ __all__ = [
     "early_exit_generate",
     "early_exit_loss",
     "find_transformer_blocks",
+    "fit_exit_gates",
     "get_early_exits",
     "get_objective",
     "is_activation_checkpointed",

@@ -59,7 +59,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -68,6 +68,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import find_transformer_blocks
 from .objective import LossTerm, ObjectiveStep, add_loss_term, remove_loss_term
+
+if TYPE_CHECKING:
+    from .exit_gates import ExitGates
 
 __all__ = [
     "CURRICULA",
@@ -770,11 +773,14 @@ def early_exit_forward(
     attention_mask: torch.Tensor | None = None,
     *,
     exit_layers: Sequence[int] | None = None,
+    gates: ExitGates | None = None,
 ) -> EarlyExitForwardOutput:
     """Per-token confidence-based exit over a whole sequence (teacher forcing).
 
     ``exit_layers`` restricts the exits tried to a subset of the model's (default: all), as
-    :func:`early_exit_generate` does.
+    :func:`early_exit_generate` does. With ``gates`` (:func:`fit_exit_gates`), a token exits where
+    its gate's probability is at least ``threshold`` instead of the softmax's, as
+    :func:`early_exit_generate` decides with the same gates.
 
     Each token takes the prediction of the first exit whose top softmax probability is at
     least ``threshold``, else the final layer's. ``threshold >= 1`` never exits (the full
@@ -794,13 +800,7 @@ def early_exit_forward(
         (True, 0.0)
     """
     exits = _require_exits(model, "early_exit_forward")
-    tried = exits.exit_layers if exit_layers is None else tuple(exit_layers)
-    unknown = [layer for layer in tried if layer not in exits.exit_layers]
-    if unknown:
-        raise ValueError(
-            f"early_exit_forward: exit_layers={list(tried)} names {unknown}, which are not exits of the model; "
-            f"its exits are {list(exits.exit_layers)}."
-        )
+    tried = _tried_exits(exits, exit_layers, gates, "early_exit_forward")
     with exits.capture() as captured:
         output = model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = dict(captured)
@@ -812,15 +812,38 @@ def early_exit_forward(
         for layer in sorted(tried):
             if not running.any():
                 break
-            exit_logits = exits.heads[layer](hidden[layer][running]).to(logits.dtype)
-            confident = exit_logits.float().softmax(-1).amax(-1) >= threshold
+            states = hidden[layer][running]
+            if gates is None:
+                exit_logits = exits.heads[layer](states).to(logits.dtype)
+                confident = exit_logits.float().softmax(-1).amax(-1) >= threshold
+                exit_logits = exit_logits[confident]
+            else:  # the head runs only for the tokens whose gate fires, as in decoding
+                confident = gates.fires(layer, states, threshold)
+                exit_logits = exits.heads[layer](states[confident]).to(logits.dtype)
             where = running.nonzero(as_tuple=True)
             chosen = tuple(index[confident] for index in where)
-            logits[chosen] = exit_logits[confident]
+            logits[chosen] = exit_logits
             exit_layers[chosen] = layer
             running[chosen] = False
     loss = shifted_cross_entropy(logits, labels) if labels is not None else None
     return EarlyExitForwardOutput(logits, exit_layers, exits.num_layers, loss)
+
+
+def _tried_exits(
+    exits: EarlyExits, exit_layers: Sequence[int] | None, gates: ExitGates | None, caller: str
+) -> tuple[int, ...]:
+    """The exits a confidence-exit call tries (default: all), checked against the model's and the gates'."""
+    tried = exits.exit_layers if exit_layers is None else tuple(exit_layers)
+    unknown = [layer for layer in tried if layer not in exits.exit_layers]
+    if unknown:
+        raise ValueError(
+            f"{caller}: exit_layers={list(tried)} names {unknown}, which are not exits of the model; "
+            f"its exits are {list(exits.exit_layers)}."
+        )
+    if gates is not None:
+        hidden_size = getattr(exits.final_head.head, "in_features", gates.hidden_size)
+        gates.check_covers(tried, hidden_size, caller)
+    return tried
 
 
 def __getattr__(name: str) -> Any:

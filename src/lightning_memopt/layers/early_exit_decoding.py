@@ -23,14 +23,15 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .early_exit import EarlyExits, _never_exits, _require_exits
+from .early_exit import EarlyExits, _never_exits, _require_exits, _tried_exits
+from .exit_gates import ExitGates
 
 __all__ = ["EarlyExitGenerateOutput", "early_exit_generate"]
 
@@ -48,20 +49,29 @@ class _Decoder:
                 f"Mistral, Qwen2, ...); {type(model).__name__} is not one. Use early_exit_forward, which works with "
                 "any model add_early_exits accepts."
             )
-        self.embed, rotary, layers = parts
+        embed, rotary, layers = parts
         if list(layers) != list(exits.blocks):
             raise ValueError(f"{caller}: the exits' blocks are not model.model.layers; it cannot drive them.")
         self.config = model.config
         self.exits = exits
         self.blocks = list(layers)
         self.num_layers = len(self.blocks)
-        weight = self.embed.weight
+        weight = embed.weight
+        # The embedding, the exits' heads and the blocks as plain ops where they are the stock
+        # modules (results to the bit, tested): module calls are a large part of a token's time.
+        plain_embedding = type(embed) is nn.Embedding and embed.max_norm is None
+        self.embed = (lambda ids: F.embedding(ids, weight)) if plain_embedding else embed
+        self.heads = {layer: _LeanHead.wrap(head) for layer, head in exits.heads.items()}
+        self.final_head = _LeanHead.wrap(exits.final_head)
         # One rotary table for the whole call: slicing it is far cheaper than a rotary call per block.
         positions = torch.arange(max_positions, device=weight.device)[None]
         self.cos, self.sin = rotary(torch.zeros((), dtype=weight.dtype, device=weight.device), position_ids=positions)
         self.dtype, self.device = weight.dtype, weight.device
         lean = getattr(self.config, "_attn_implementation", None) == "sdpa"
         self.lean = [_LeanLlamaBlock.wrap(block) if lean else None for block in self.blocks]
+        # Multi-token chunks (prompts, deferred keys and values, verification) repeat their shapes
+        # across blocks and steps: each mask is built once per call.
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -71,7 +81,11 @@ class _Decoder:
     def block(self, layer: int, hidden: torch.Tensor, first: int, cache) -> torch.Tensor:
         """Run block ``layer`` on ``hidden`` (positions ``first ..``), appending to its cache."""
         length = hidden.shape[1]
-        mask = _causal_mask(length, first, hidden.dtype, hidden.device) if length > 1 else None
+        mask = None
+        if length > 1:
+            mask = self._masks.get((length, first))
+            if mask is None:
+                mask = self._masks[length, first] = _causal_mask(length, first, hidden.dtype, hidden.device)
         rotary = (self.cos[:, first : first + length], self.sin[:, first : first + length])
         lean = self.lean[layer]
         if lean is not None:
@@ -96,8 +110,11 @@ class _LeanLlamaBlock:
         attn, mlp = block.self_attn, block.mlp
         self.layer_idx = attn.layer_idx
         self.heads, self.head_dim, self.scaling = attn.config.num_attention_heads, attn.head_dim, attn.scaling
-        self.q, self.k, self.v, self.o = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-        self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        # Transposed views of the weights (no copies): F.linear without a bias is this matrix product
+        # on the flattened input, and calling it directly skips linear's and matmul's dispatch layers.
+        self.q, self.k, self.v, self.o = (m.weight.t() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        self.gate, self.up, self.down = (m.weight.t() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.act = mlp.act_fn
         self.norm1, self.norm2 = block.input_layernorm, block.post_attention_layernorm
 
     @classmethod
@@ -108,45 +125,67 @@ class _LeanLlamaBlock:
             return None
         attn = block.self_attn
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj)
-        if any(type(m) is not nn.Linear for m in (*linears, block.mlp.down_proj)):
+        linears += (block.mlp.down_proj,)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
             return None
         norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(type(m) is not LlamaRMSNorm for m in norms) or attn.num_key_value_groups != 1:
             return None
         return cls(block)
 
-    @staticmethod
-    def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        # LlamaRMSNorm.forward, written out.
-        dtype = hidden.dtype
-        hidden = hidden.to(torch.float32)
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-        return norm.weight * hidden.to(dtype)
-
-    @staticmethod
-    def _linear(module: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, module.weight, module.bias)
-
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache, rotary) -> torch.Tensor:
-        batch, length, _ = hidden.shape
+        batch, length, width = hidden.shape
         shape = (batch, length, -1, self.head_dim)
-        residual = hidden
-        normed = self._rms_norm(self.norm1, hidden)
-        query = self._linear(self.q, normed).view(shape).transpose(1, 2)
-        key = self._linear(self.k, normed).view(shape).transpose(1, 2)
-        value = self._linear(self.v, normed).view(shape).transpose(1, 2)
+        # The residual stream as tokens x hidden: every projection is then one torch.mm.
+        residual = hidden = hidden.view(batch * length, width)
+        normed = _rms_norm(self.norm1, hidden)
+        query = torch.mm(normed, self.q).view(shape).transpose(1, 2)
+        key = torch.mm(normed, self.k).view(shape).transpose(1, 2)
+        value = torch.mm(normed, self.v).view(shape).transpose(1, 2)
         cos, sin = rotary[0].unsqueeze(1), rotary[1].unsqueeze(1)
-        query = (query * cos) + (_rotate_half(query) * sin)
-        key = (key * cos) + (_rotate_half(key) * sin)
+        # The rotary embedding of queries and keys in one pass (the same elementwise ops: same bits).
+        both = torch.cat((query, key), dim=1)
+        both = (both * cos) + (_rotate_half(both) * sin)
+        query, key = both[:, : self.heads], both[:, self.heads :]
         key, value = cache.update(key, value, self.layer_idx)
         attn = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling)
-        attn = attn.transpose(1, 2).contiguous().reshape(batch, length, -1)
-        hidden = residual + self._linear(self.o, attn)
+        attn = attn.transpose(1, 2).contiguous().view(batch * length, -1)
+        hidden = residual + torch.mm(attn, self.o)
         residual = hidden
-        normed = self._rms_norm(self.norm2, hidden)
-        mlp = self._linear(self.down, self.act(self._linear(self.gate, normed)) * self._linear(self.up, normed))
-        return residual + mlp
+        normed = _rms_norm(self.norm2, hidden)
+        mlp = torch.mm(self.act(torch.mm(normed, self.gate)) * torch.mm(normed, self.up), self.down)
+        return (residual + mlp).view(batch, length, width)
+
+
+class _LeanHead:
+    """An exit (a LLaMA RMS norm, then a bias-free LM head) as ops, to the bit; :meth:`wrap`
+    returns the module itself for anything else."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.norm, self.weight_t = head.norm, head.head.weight.t()
+
+    @classmethod
+    def wrap(cls, head: nn.Module) -> _LeanHead | nn.Module:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        linear = getattr(head, "head", None)
+        if type(getattr(head, "norm", None)) is not LlamaRMSNorm or type(linear) is not nn.Linear:
+            return head
+        return cls(head) if linear.bias is None else head
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden.shape
+        return torch.mm(_rms_norm(self.norm, hidden.view(batch * length, width)), self.weight_t).view(batch, length, -1)
+
+
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # LlamaRMSNorm.forward, written out (its casts are no-ops in float32: skipped, not called).
+    dtype = hidden.dtype
+    if dtype != torch.float32:
+        hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +222,23 @@ def _check_decode_inputs(
                 f"{(~attention_mask.bool()).any(1).nonzero().flatten().tolist()}); decode prompts of different "
                 "lengths one at a time, unpadded (rows of one batch are decoded one after another anyway)."
             )
+
+
+def _exit_rule(
+    decoder: _Decoder, gates: ExitGates | None, layer: int, threshold: float
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """Exit ``layer``'s decision for one token: hidden state there (1 x 1 x hidden) -> the exit's
+    logits if the token stops, else ``None``. With gates, the head runs only for a token that stops."""
+    head = decoder.heads[layer]
+    if gates is not None:
+        fires = gates.decision(layer, threshold)
+        return lambda last: head(last) if fires(last) else None
+
+    def softmax_rule(last: torch.Tensor) -> torch.Tensor | None:
+        logits = head(last)
+        return logits if bool(logits.float().softmax(-1).amax() >= threshold) else None
+
+    return softmax_rule
 
 
 def _row_results_to_batch(
@@ -261,6 +317,7 @@ def early_exit_generate(
     *,
     exit_layers: Sequence[int] | None = None,
     attention_mask: torch.Tensor | None = None,
+    gates: ExitGates | None = None,
 ) -> EarlyExitGenerateOutput:
     """Greedy decoding that stops each new token at the first confident exit, with a KV cache.
 
@@ -272,9 +329,13 @@ def early_exit_generate(
     rounding). ``threshold >= 1`` is plain greedy decoding with the full model.
 
     Args:
-        exit_layers: the exits to try (a subset of the model's; default all). Each exit tried
-            costs a head evaluation, so fewer exits can be faster.
+        exit_layers: the exits to try (a subset of the model's; default all). With the softmax
+            rule each exit tried costs a head evaluation, so fewer exits can be faster.
         attention_mask: optional; padding (zeros) is refused with a ``ValueError``.
+        gates: learned exit decisions (:func:`~lightning_memopt.layers.fit_exit_gates`): a token
+            exits where its gate's probability of agreeing with the final layer is at least
+            ``threshold``, and an exit head runs only for tokens that exit (a gate costs two
+            small matrix products), so trying every exit is cheap.
 
     LLaMA-style decoders only (``model.model.embed_tokens``, ``.rotary_emb``, ``.layers``:
     Llama, Mistral, Qwen2, ...), without padding in ``input_ids``.
@@ -292,19 +353,13 @@ def early_exit_generate(
     caller = "early_exit_generate"
     exits = _require_exits(model, caller)
     _check_decode_inputs(caller, input_ids, max_new_tokens, attention_mask)
-    tried = exits.exit_layers if exit_layers is None else tuple(exit_layers)
-    unknown = [layer for layer in tried if layer not in exits.exit_layers]
-    if unknown:
-        raise ValueError(
-            f"{caller}: exit_layers={list(tried)} names {unknown}, which are not exits of the model; "
-            f"its exits are {list(exits.exit_layers)}."
-        )
+    tried = _tried_exits(exits, exit_layers, gates, caller)
     decoder = _Decoder(model, exits, caller, input_ids.shape[1] + max_new_tokens)
     was_training = model.training
     model.eval()
     try:
         rows = [
-            _generate_row(decoder, row[None], max_new_tokens, threshold, eos_token_id, sorted(tried))
+            _generate_row(decoder, row[None], max_new_tokens, threshold, eos_token_id, sorted(tried), gates)
             for row in input_ids
         ]
     finally:
@@ -329,10 +384,11 @@ def _generate_row(
     threshold: float,
     eos_token_id: int | None,
     tried: list[int],
+    gates: ExitGates | None,
 ) -> tuple[list[int], list[int], int]:
-    exits, num_layers = decoder.exits, decoder.num_layers
+    num_layers = decoder.num_layers
     cache = decoder.new_cache()
-    exit_set = set() if _never_exits(threshold) else set(tried)
+    rules = {} if _never_exits(threshold) else {layer: _exit_rule(decoder, gates, layer, threshold) for layer in tried}
     tokens = prompt[0].tolist()
     # Positions start .. current (inclusive) whose deepest computed state is in `states`, each at
     # its own depth; every block l holds keys/values for positions 0 .. lengths[l] - 1.
@@ -362,13 +418,13 @@ def _generate_row(
             lengths[layer] = position + 1
             evaluations += out.shape[1]
             states = out if offset == 0 else torch.cat([states[:, :offset], out], dim=1)
-            if layer in exit_set:
-                exit_logits = exits.heads[layer](out[:, -1:])
-                if exit_logits.float().softmax(-1).amax() >= threshold:
-                    logits, exited_at = exit_logits, layer
+            if layer in rules:
+                logits = rules[layer](out[:, -1:])
+                if logits is not None:
+                    exited_at = layer
                     break
         if logits is None:
-            logits = exits.final_head(states[:, -1:])
+            logits = decoder.final_head(states[:, -1:])
             start, states = position + 1, None  # every position is at full depth now
         exit_layers.append(exited_at)
         current = logits[:, -1].argmax(-1, keepdim=True)

@@ -179,7 +179,7 @@ def _speculate_row(
     draft_confidence: float = 0.0,
 ) -> tuple[list[int], int, int, int, int]:
     num_layers = decoder.num_layers
-    draft_head, final_head = decoder.exits.heads[exit_layer], decoder.exits.final_head
+    draft_head, final_head = decoder.heads[exit_layer], decoder.final_head
     cache = decoder.new_cache()
     # The prompt through the full model: its last position gives the first new token.
     hidden = decoder.embed(prompt)
