@@ -42,6 +42,9 @@ def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
         assert 0.0 <= quality["teacher_forced_agreement"] <= 1.0
         assert rows[method]["fraction_skipped"] >= 0.0
     assert set(report["gates"]["training_agreement"]) == {"1", "2"}
+    coverage = report["gates"]["coverage_at_95"]
+    assert set(coverage) == {"1", "2"}
+    assert all(0.0 <= value <= 1.0 for row in coverage.values() for value in row.values())
     calibration = report["config"]["calibration"]["gates"]
     assert set(calibration["generated"]) == set(calibration["teacher_forced"]) == {"0.9", "0.5"}
     assert json.loads((tmp_path / "early_exit.json").read_text())["benchmark"] == "early_exit"
