@@ -137,7 +137,7 @@ class _LeanLlamaBlock:
         batch, length, width = hidden.shape
         shape = (batch, length, -1, self.head_dim)
         # The residual stream as tokens x hidden: every projection is then one torch.mm.
-        residual = hidden = hidden.view(batch * length, width)
+        residual = hidden = hidden.reshape(batch * length, width)
         normed = _rms_norm(self.norm1, hidden)
         query = torch.mm(normed, self.q).view(shape).transpose(1, 2)
         key = torch.mm(normed, self.k).view(shape).transpose(1, 2)
@@ -175,7 +175,8 @@ class _LeanHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         batch, length, width = hidden.shape
-        return torch.mm(_rms_norm(self.norm, hidden.view(batch * length, width)), self.weight_t).view(batch, length, -1)
+        flat = hidden.reshape(batch * length, width)
+        return torch.mm(_rms_norm(self.norm, flat), self.weight_t).view(batch, length, -1)
 
 
 def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

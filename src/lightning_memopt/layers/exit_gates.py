@@ -1,11 +1,12 @@
 """Learned exit decisions for confidence exit (CALM's early-exit classifier, arXiv 2207.07061).
 
-The softmax rule (exit when the exit head's top probability reaches a threshold) has two costs:
-it evaluates the exit head (hidden x vocab) for every token at every exit tried, whether the token
-exits or not, and a small model's softmax is a poor judge of when the exit agrees with the final
-layer. An :class:`ExitGates` holds one small MLP per exit (hidden -> ``width`` -> 1) that reads
-the exit block's hidden state and predicts the probability that the exit's token equals the final
-layer's. :func:`fit_exit_gates` trains them on a trained early-exit model (the model is not
+The softmax rule (exit when the exit head's top probability reaches a threshold) evaluates the
+exit head (hidden x vocab) for every token at every exit tried, whether the token exits or not.
+An :class:`ExitGates` holds one small MLP per exit (hidden -> ``width`` -> 1) that reads the exit
+block's hidden state and predicts the probability that the exit's token equals the final layer's:
+two small matrix products per exit tried, so every exit can be tried. (On the benchmark's model
+the gates judge agreement somewhat less sharply than the softmax does; their speed is the gain:
+``docs/early-exit.md``.) :func:`fit_exit_gates` trains them on a trained early-exit model (the model is not
 changed); :func:`~lightning_memopt.layers.early_exit_generate` and
 :func:`~lightning_memopt.layers.early_exit_forward` take them with ``gates=`` and then exit where
 the gate's probability reaches ``threshold``, evaluating an exit head only for tokens that exit.
