@@ -37,8 +37,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -63,6 +61,9 @@ from lightning_memopt.layers import (
     self_speculative_generate,
 )
 from lightning_memopt.models import build_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from machine import describe_machine, machine_line
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE_DIR = Path("/tmp/lightning_memopt_early_exit")
@@ -522,7 +523,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Decoding {cfg['prompts']} held-out prompts of {cfg['prompt_len']} tokens, {cfg['new_tokens']} new tokens "
         f"each, batch 1, {report['machine']['threads']} thread(s), {cfg['repeats']} interleaved repeats. Speed-up: "
         "median [min-max] over repeats of HF greedy's time / the method's time (wall clock; CPU time in the next "
-        "column). Agreement: new tokens equal to HF greedy's at the same position.",
+        "column). Agreement: new tokens equal to HF greedy's at the same position. Machine: "
+        f"{machine_line(report['machine'])}.",
         "",
         "| method | tokens/s | speed-up vs HF greedy | CPU-time speed-up | vs our full loop | agreement | "
         "acceptance | tokens/pass | skipped | teacher-forced agreement | loss change |",
@@ -664,6 +666,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch-1 decoding of a small model: one thread is fastest on shared cores
     try:
+        machine = describe_machine()  # with the decoding's one thread
         gates, gates_log = fit_gates(model, dm, cfg)
         rules = confidence_rules(cfg, gates)
         cfg["chosen_thresholds"], cfg["calibration"] = {}, {}
@@ -685,14 +688,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sample = dm.tokenizer.decode(decode["reference_tokens"][0])
     report = {
         "benchmark": "early_exit",
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": 1,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": sys.version.split()[0],
-        },
+        "machine": {**machine, "transformers": transformers.__version__},
         "config": cfg,
         "train": log,
         "gates": gates_log,
