@@ -55,7 +55,8 @@ def trained() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def gates(trained: nn.Module) -> ExitGates:
-    return fit_exit_gates(trained, text_batches(8, seed=1), steps=300)
+    # A DataLoader's batches are mappings: accepted as they come.
+    return fit_exit_gates(trained, [{"input_ids": batch} for batch in text_batches(8, seed=1)], steps=300)
 
 
 def test_gates_learn_where_the_exit_agrees_with_the_final_layer(trained: nn.Module, gates: ExitGates) -> None:
@@ -135,6 +136,8 @@ def test_bad_gates_input_names_the_fix(trained: nn.Module, gates: ExitGates) -> 
         fit_exit_gates(trained, [ids], steps=0)
     with pytest.raises(ValueError, match=r"lr=0.0; use a learning rate > 0"):
         fit_exit_gates(trained, [ids], lr=0.0)
+    with pytest.raises(ValueError, match=r"batch x length tensor of input ids or a mapping.*got list"):
+        fit_exit_gates(trained, [[1, 2, 3]])
     with pytest.raises(ValueError, match="batches is empty"):
         fit_exit_gates(trained, [])
     with pytest.raises(ValueError, match="no early exits"):

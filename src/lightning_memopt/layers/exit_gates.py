@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -123,16 +123,24 @@ def _logit(probability: float) -> float:
 
 @torch.no_grad()
 def _exit_agreement(
-    model: nn.Module, batches: Iterable[torch.Tensor], max_tokens: int
+    model: nn.Module, batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]], max_tokens: int
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per exit: the exit block's hidden states and whether the exit's argmax equals the final's."""
     exits = _require_exits(model, "fit_exit_gates")
     features: dict[int, list[torch.Tensor]] = {layer: [] for layer in exits.exit_layers}
     labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in exits.exit_layers}
     seen = 0
-    for input_ids in batches:
+    device = next(model.parameters()).device
+    for batch in batches:
         if seen >= max_tokens:
             break
+        input_ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                "fit_exit_gates: each batch must be a batch x length tensor of input ids or a mapping with "
+                f"'input_ids' (a DataLoader's batch); got {type(batch).__name__}."
+            )
+        input_ids = input_ids.to(device)
         with exits.capture() as captured:
             final = model(input_ids=input_ids).logits.argmax(-1).flatten()
             hidden = dict(captured)
@@ -151,7 +159,7 @@ def _exit_agreement(
 
 def fit_exit_gates(
     model: nn.Module,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
     *,
     width: int = 64,
     steps: int = 1000,
@@ -161,7 +169,8 @@ def fit_exit_gates(
     seed: int = 0,
 ) -> ExitGates:
     """Train one gate per exit of an early-exit model to predict where the exit agrees with the
-    final layer (the exit's argmax token equals the final layer's), on ``batches`` of input ids.
+    final layer (the exit's argmax token equals the final layer's), on ``batches`` of input ids
+    (tensors, or a DataLoader's mappings with ``"input_ids"``; moved to the model's device).
 
     The model runs in eval mode without gradients and is not changed. Each gate is trained with
     binary cross-entropy and Adam on up to ``max_tokens`` tokens' hidden states, standardised
