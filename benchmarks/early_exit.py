@@ -605,6 +605,48 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def record_run(report: dict[str, Any], out: Path) -> None:
+    """Append this run's headline figures to ``early_exit_runs.json`` and rewrite
+    ``early_exit_runs.md`` (one column per run), so separate runs' spreads are on record: a figure
+    only one run reached is not a result."""
+    path = out / "early_exit_runs.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine_line(report["machine"]),
+            "repeats": report["config"]["repeats"],
+            "rows": {
+                row["method"]: {"speedup": row["speedup"], "vs_ours_full": row["vs_ours_full"]["median"]}
+                for row in report["decode"]["rows"]
+            },
+        }
+    )
+    path.write_text(json.dumps(runs, indent=2) + "\n")
+    methods = list(dict.fromkeys(name for run in runs for name in run["rows"]))
+    lines = [
+        "Early-exit decoding, run by run (separate processes): speed-up against HF greedy, median [min-max] over "
+        "each run's interleaved repeats, and in parentheses against our own full-model loop.",
+        "",
+        *(f"- Run {i}: {run['date']}, {run['repeats']} repeats, {run['machine']}." for i, run in enumerate(runs, 1)),
+        "",
+        "| method | " + " | ".join(f"run {i}" for i in range(1, len(runs) + 1)) + " |",
+        "|---|" + "---:|" * len(runs),
+    ]
+    for method in methods:
+        cells = []
+        for run in runs:
+            row = run["rows"].get(method)
+            speed = row["speedup"] if row else None
+            cells.append(
+                f"{speed['median']:.2f}x [{speed['min']:.2f}-{speed['max']:.2f}] ({row['vs_ours_full']:.2f}x)"
+                if row
+                else ""
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    (out / "early_exit_runs.md").write_text("\n".join(lines) + "\n")
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Speed-up against agreement, one marker per method (legend on the right); a confidence-exit
     row also has a hollow marker at its teacher-forced agreement, joined to its generated one."""
@@ -703,6 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "early_exit.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "early_exit.md").write_text(text + "\n")
     plot(report, args.out / "early_exit.png")
+    record_run(report, args.out)
     return report
 
 

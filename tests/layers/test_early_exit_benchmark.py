@@ -50,3 +50,8 @@ def test_early_exit_benchmark_smoke(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "early_exit.json").read_text())["benchmark"] == "early_exit"
     assert "| self-speculative exit 1, draft 3 |" in (tmp_path / "early_exit.md").read_text()
     assert (tmp_path / "early_exit.png").stat().st_size > 1000
+    # Each run is appended to the run-by-run record.
+    module.main(["--smoke", "--out", str(tmp_path), "--repeats", "1"])
+    runs = json.loads((tmp_path / "early_exit_runs.json").read_text())
+    assert len(runs) == 2 and runs[1]["repeats"] == 1
+    assert "| self-speculative exit 1, draft 3 |" in (tmp_path / "early_exit_runs.md").read_text()
