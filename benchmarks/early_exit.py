@@ -56,6 +56,7 @@ from lightning_memopt.layers import (
     early_exit_forward,
     early_exit_generate,
     early_exit_loss,
+    exit_agreement,
     fit_exit_gates,
     get_early_exits,
     self_speculative_generate,
@@ -276,9 +277,10 @@ def fit_gates(model: torch.nn.Module, dm: TextDataModule, cfg: dict[str, Any]) -
     """Exit gates fitted on the first ``gate_batches`` training batches (text the model trained on)."""
     start = time.perf_counter()
     batches = [b["input_ids"] for _, b in zip(range(cfg["gate_batches"]), dm.train_dataloader())]
-    gates = fit_exit_gates(model, batches, max_tokens=sum(b.numel() for b in batches))
+    tokens = sum(b.numel() for b in batches)
+    gates = fit_exit_gates(model, batches, max_tokens=tokens)
     log = {
-        "tokens": sum(b.numel() for b in batches),
+        "tokens": tokens,
         "seconds": round(time.perf_counter() - start, 1),
         "training_agreement": {str(k): v for k, v in gates.training_agreement.items()},
     }
@@ -293,24 +295,17 @@ def exit_rule_coverage(
     largest fraction of tokens each rule (the gate's probability, the exit head's top softmax
     probability) can let exit there while those tokens still agree at ``precision``."""
     exits = get_early_exits(model)
-    scores: dict[int, dict[str, list[torch.Tensor]]] = {
-        e: {"gate": [], "softmax": [], "agree": []} for e in exits.exit_layers
-    }
-    for batch in batches:
-        with exits.capture() as captured:
-            final = model(input_ids=batch).logits.argmax(-1)
-            hidden = dict(captured)
-        for layer in exits.exit_layers:
-            logits = exits.heads[layer](hidden[layer])
-            scores[layer]["gate"].append(gates(layer, hidden[layer]).flatten())
-            scores[layer]["softmax"].append(logits.float().softmax(-1).amax(-1).flatten())
-            scores[layer]["agree"].append((logits.argmax(-1) == final).flatten().float())
+    hidden, agreement = exit_agreement(model, batches)
     out: dict[str, dict[str, float]] = {}
-    for layer, parts in scores.items():
-        agree = torch.cat(parts["agree"])
+    for layer in exits.exit_layers:
+        agree = agreement[layer]
+        scores = {
+            "gate": gates(layer, hidden[layer]),
+            "softmax": exits.heads[layer](hidden[layer]).float().softmax(-1).amax(-1),
+        }
         row = {"agreement": float(agree.mean())}
-        for rule in ("gate", "softmax"):
-            ordered = agree[torch.cat(parts[rule]).argsort(descending=True)]
+        for rule, score in scores.items():
+            ordered = agree[score.argsort(descending=True)]
             running = ordered.cumsum(0) / torch.arange(1, ordered.numel() + 1)
             passing = (running >= precision).nonzero()
             row[f"{rule}_coverage"] = (int(passing.max()) + 1) / ordered.numel() if passing.numel() else 0.0

@@ -23,7 +23,7 @@ from .early_exit import (
     remove_early_exits,
 )
 from .early_exit_decoding import EarlyExitGenerateOutput, early_exit_generate
-from .exit_gates import ExitGates, fit_exit_gates
+from .exit_gates import ExitGates, exit_agreement, fit_exit_gates
 from .moe import (
     MoELayer,
     MoELoss,
@@ -73,6 +73,7 @@ __all__ = [
     "early_exit_forward",
     "early_exit_generate",
     "early_exit_loss",
+    "exit_agreement",
     "find_transformer_blocks",
     "fit_exit_gates",
     "get_early_exits",

@@ -53,7 +53,6 @@ class _Decoder:
         if list(layers) != list(exits.blocks):
             raise ValueError(f"{caller}: the exits' blocks are not model.model.layers; it cannot drive them.")
         self.config = model.config
-        self.exits = exits
         self.blocks = list(layers)
         self.num_layers = len(self.blocks)
         weight = embed.weight
@@ -66,7 +65,6 @@ class _Decoder:
         # One rotary table for the whole call: slicing it is far cheaper than a rotary call per block.
         positions = torch.arange(max_positions, device=weight.device)[None]
         self.cos, self.sin = rotary(torch.zeros((), dtype=weight.dtype, device=weight.device), position_ids=positions)
-        self.dtype, self.device = weight.dtype, weight.device
         lean = getattr(self.config, "_attn_implementation", None) == "sdpa"
         self.lean = [_LeanLlamaBlock.wrap(block) if lean else None for block in self.blocks]
         # Multi-token chunks (prompts, deferred keys and values, verification) repeat their shapes

@@ -6,8 +6,8 @@ An :class:`ExitGates` holds one small MLP per exit (hidden -> ``width`` -> 1) th
 block's hidden state and predicts the probability that the exit's token equals the final layer's:
 two small matrix products per exit tried, so every exit can be tried. (On the benchmark's model
 the gates judge agreement somewhat less sharply than the softmax does; their speed is the gain:
-``docs/early-exit.md``.) :func:`fit_exit_gates` trains them on a trained early-exit model (the model is not
-changed); :func:`~lightning_memopt.layers.early_exit_generate` and
+``docs/early-exit.md``.) :func:`fit_exit_gates` trains them on a trained early-exit model (the
+model is not changed); :func:`~lightning_memopt.layers.early_exit_generate` and
 :func:`~lightning_memopt.layers.early_exit_forward` take them with ``gates=`` and then exit where
 the gate's probability reaches ``threshold``, evaluating an exit head only for tokens that exit.
 
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .early_exit import _require_exits
 
-__all__ = ["ExitGates", "fit_exit_gates"]
+__all__ = ["ExitGates", "exit_agreement", "fit_exit_gates"]
 
 
 class ExitGates(nn.Module):
@@ -122,11 +122,28 @@ def _logit(probability: float) -> float:
 
 
 @torch.no_grad()
-def _exit_agreement(
-    model: nn.Module, batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]], max_tokens: int
+def exit_agreement(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+    max_tokens: int = 2**62,
+    *,
+    caller: str = "exit_agreement",
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per exit: the exit block's hidden states and whether the exit's argmax equals the final's."""
-    exits = _require_exits(model, "fit_exit_gates")
+    """Per exit of an early-exit model, over ``batches`` (tensors of input ids, or mappings with
+    ``"input_ids"``; at most ``max_tokens`` tokens): the exit block's hidden states (tokens x
+    hidden, float32) and whether the exit's argmax token equals the final layer's (tokens, 0/1).
+    What :func:`fit_exit_gates` trains on; also a way to measure a rule against the truth.
+
+    Example:
+        >>> from lightning_memopt.layers import add_early_exits
+        >>> from lightning_memopt.models import build_llama
+        >>> model = build_llama("tiny", vocab_size=257).eval()
+        >>> _ = add_early_exits(model, [1])
+        >>> hidden, agree = exit_agreement(model, [torch.randint(0, 257, (2, 8))])
+        >>> hidden[1].shape, agree[1].shape
+        (torch.Size([16, 256]), torch.Size([16]))
+    """
+    exits = _require_exits(model, caller)
     features: dict[int, list[torch.Tensor]] = {layer: [] for layer in exits.exit_layers}
     labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in exits.exit_layers}
     seen = 0
@@ -137,7 +154,7 @@ def _exit_agreement(
         input_ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
-                "fit_exit_gates: each batch must be a batch x length tensor of input ids or a mapping with "
+                f"{caller}: each batch must be a batch x length tensor of input ids or a mapping with "
                 f"'input_ids' (a DataLoader's batch); got {type(batch).__name__}."
             )
         input_ids = input_ids.to(device)
@@ -150,7 +167,7 @@ def _exit_agreement(
             features[layer].append(states.float())
         seen += final.numel()
     if not seen:
-        raise ValueError("fit_exit_gates: batches is empty; give it batches of input_ids from the training data.")
+        raise ValueError(f"{caller}: batches is empty; give it batches of input_ids from the training data.")
     return (
         {layer: torch.cat(parts)[:max_tokens] for layer, parts in features.items()},
         {layer: torch.cat(parts)[:max_tokens].float() for layer, parts in labels.items()},
@@ -199,7 +216,7 @@ def fit_exit_gates(
     was_training = model.training
     model.eval()
     try:
-        features, labels = _exit_agreement(model, batches, max_tokens)
+        features, labels = exit_agreement(model, batches, max_tokens, caller="fit_exit_gates")
     finally:
         model.train(was_training)
     hidden_size = next(iter(features.values())).shape[-1]
